@@ -1,0 +1,12 @@
+"""fastpatch: activation patches fused into the residual add + norm a transformer runs anyway."""
+from .bank import PatchBank, as_bank
+from .ops import config, fused_add_norm
+from .patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LoReFT, LowRank, Patch, Steer
+from . import reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Ablate", "CanonicalPatch", "Clamp", "Gate", "Gated", "LoReFT", "LowRank", "Patch", "PatchBank",
+    "Steer", "as_bank", "config", "fused_add_norm", "reference",
+]

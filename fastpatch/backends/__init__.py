@@ -1,0 +1,67 @@
+"""Backend registry: each backend module exposes ``is_available(device)`` and ``run(...)``.
+
+``run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
+out, residual_out)``
+receives inputs already validated by :func:`fastpatch.ops.check_inputs` (contiguous 2-D
+rows, ``index`` 1-D or None, ``norm_kind`` 0 = RMS, 1 = Layer) and returns ``(out, residual_out)``
+as [N, D] tensors in x's dtype: into ``out`` / ``residual_out`` when given (preallocated,
+contiguous, possibly aliasing x2d or residual2d), else newly allocated.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+# name -> module path; imported lazily so that a missing toolchain only affects its backend.
+_MODULES = {
+    "reference": "fastpatch.backends.reference_backend",
+    "cpp": "fastpatch.backends.cpp",
+    "triton": "fastpatch.backends.triton_backend",
+    "cuda": "fastpatch.backends.cuda",
+}
+
+# Fastest first, per device type.
+_PREFERENCE = {
+    "cpu": ("cpp", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+BACKENDS = tuple(_MODULES)
+
+
+def load(name: str) -> ModuleType:
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or None")
+    return importlib.import_module(_MODULES[name])
+
+
+def available(device) -> list[str]:
+    """Backends that can run on ``device`` here, fastest first."""
+    device = torch.device(device)
+    names = []
+    for name in _PREFERENCE.get(device.type, ("reference",)):
+        try:
+            if load(name).is_available(device):
+                names.append(name)
+        except ImportError:
+            continue
+    return names
+
+
+_resolved: dict = {}
+
+
+def resolve(backend, device: torch.device) -> ModuleType:
+    if backend is None:
+        key = device.type
+        if key not in _resolved:
+            names = available(device)
+            _resolved[key] = load(names[0] if names else "reference")
+        return _resolved[key]
+    module = load(backend)
+    if not module.is_available(device):
+        raise ValueError(f"backend {backend!r} is not available for device {device} here: "
+                         f"{getattr(module, 'why_unavailable', lambda d: 'unsupported device')(device)}")
+    return module

@@ -1,0 +1,130 @@
+"""PatchBank: P canonical patches stacked into dense tensors that kernels index per row."""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .patches import GATE_NONE, CanonicalPatch, Patch, to_canonical
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class PatchBank:
+    """P patches in the canonical form, ranks zero-padded to the largest.
+
+    Tensors (P patches, rank R, hidden D), all contiguous on one device:
+
+    - ``down`` [P, R, D], ``bias`` [P, R], ``up`` [P, R, D]: the low-rank part (R may be 0)
+    - ``shift`` [P, D]: the constant part
+    - ``gate_dir`` [P, D] (unit condition vectors, zero rows for ungated patches),
+      ``gate_threshold`` [P] float32, ``gate_mode`` [P] int32 (``fastpatch.patches.GATE_*``)
+
+    Float tensors are in ``self.dtype`` (float32 by default); ``gate_threshold`` is always
+    float32. Validation (shapes, finite values) happens once, here.
+    """
+
+    def __init__(self, patches: Sequence[Patch | CanonicalPatch] | Patch | CanonicalPatch,
+                 hidden_size: Optional[int] = None, *, device=None, dtype=torch.float32):
+        if isinstance(patches, (Patch, CanonicalPatch)):
+            patches = [patches]
+        patches = list(patches)
+        if not patches:
+            raise ValueError("PatchBank needs at least one patch")
+        canon = [to_canonical(p) for p in patches]
+        if hidden_size is None:
+            hidden_size = canon[0].hidden_size
+        for i, c in enumerate(canon):
+            if c.hidden_size != hidden_size:
+                raise ValueError(
+                    f"patch {i} has hidden size {c.hidden_size}, but the bank's hidden_size is {hidden_size}"
+                )
+        if dtype not in _PARAM_DTYPES:
+            raise TypeError(f"PatchBank dtype must be one of {_PARAM_DTYPES}, got {dtype}")
+        self.patches = patches
+        self.canonical_patches = canon
+        self.hidden_size = int(hidden_size)
+        P, D = len(canon), self.hidden_size
+        R = max(c.rank for c in canon)
+        self.rank = R
+        down = torch.zeros(P, R, D, dtype=torch.float64)
+        up = torch.zeros(P, R, D, dtype=torch.float64)
+        bias = torch.zeros(P, R, dtype=torch.float64)
+        shift = torch.zeros(P, D, dtype=torch.float64)
+        gate_dir = torch.zeros(P, D, dtype=torch.float64)
+        gate_threshold = torch.zeros(P, dtype=torch.float64)
+        gate_mode = torch.full((P,), GATE_NONE, dtype=torch.int32)
+        for k, c in enumerate(canon):
+            r = c.rank
+            down[k, :r] = c.down
+            up[k, :r] = c.up
+            bias[k, :r] = c.bias
+            shift[k] = c.shift
+            if c.gate is not None:
+                gate_dir[k] = c.gate.condition
+                gate_threshold[k] = c.gate.threshold
+                gate_mode[k] = c.gate.mode
+        for name, t in (("down", down), ("up", up), ("bias", bias), ("shift", shift)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"PatchBank {name} contains NaN or infinite values")
+        self._f64 = dict(down=down, up=up, bias=bias, shift=shift, gate_dir=gate_dir,
+                         gate_threshold=gate_threshold)
+        self.gate_mode = gate_mode
+        self.has_gate = bool((gate_mode != GATE_NONE).any())
+        self.has_shift = bool((shift != 0).any())
+        self._materialise(torch.device("cpu") if device is None else torch.device(device), dtype)
+
+    def _materialise(self, device: torch.device, dtype: torch.dtype) -> None:
+        f = self._f64
+        self.device = device
+        self.dtype = dtype
+        self.down = f["down"].to(device=device, dtype=dtype).contiguous()
+        self.up = f["up"].to(device=device, dtype=dtype).contiguous()
+        self.bias = f["bias"].to(device=device, dtype=dtype).contiguous()
+        self.shift = f["shift"].to(device=device, dtype=dtype).contiguous()
+        self.gate_dir = f["gate_dir"].to(device=device, dtype=dtype).contiguous()
+        self.gate_threshold = f["gate_threshold"].to(device=device, dtype=torch.float32).contiguous()
+        self.gate_mode = self.gate_mode.to(device=device).contiguous()
+
+    @property
+    def num_patches(self) -> int:
+        return len(self.canonical_patches)
+
+    def __len__(self) -> int:
+        return self.num_patches
+
+    def to(self, device=None, dtype=None) -> "PatchBank":
+        """A copy on ``device`` with float parameters in ``dtype`` (this bank is left as it is)."""
+        new = object.__new__(PatchBank)
+        new.__dict__.update(self.__dict__)
+        new._materialise(self.device if device is None else torch.device(device),
+                         self.dtype if dtype is None else dtype)
+        if new.dtype not in _PARAM_DTYPES:
+            raise TypeError(f"PatchBank dtype must be one of {_PARAM_DTYPES}, got {new.dtype}")
+        return new
+
+    def tensors(self) -> dict:
+        """The bank's device tensors by name, as the kernels take them."""
+        return dict(down=self.down, bias=self.bias, up=self.up, shift=self.shift,
+                    gate_dir=self.gate_dir, gate_threshold=self.gate_threshold, gate_mode=self.gate_mode)
+
+    def float64(self) -> dict:
+        """The exact float64 CPU parameters (what the reference computes with)."""
+        return dict(self._f64, gate_mode=self.gate_mode.cpu())
+
+    def __repr__(self) -> str:
+        kinds = ",".join(c.kind + ("+gate" if c.gate is not None else "") for c in self.canonical_patches[:8])
+        more = "" if self.num_patches <= 8 else f",…(+{self.num_patches - 8})"
+        return (f"PatchBank(P={self.num_patches}, hidden_size={self.hidden_size}, rank={self.rank}, "
+                f"dtype={self.dtype}, device={self.device}, kinds=[{kinds}{more}])")
+
+
+def as_bank(value, hidden_size: Optional[int] = None) -> PatchBank:
+    """A bank from a bank, a single patch, or a list of patches."""
+    if isinstance(value, PatchBank):
+        return value
+    if isinstance(value, (Patch, CanonicalPatch)):
+        return PatchBank([value], hidden_size)
+    if isinstance(value, Iterable):
+        return PatchBank(list(value), hidden_size)
+    raise TypeError(f"expected a patch, a list of patches or a PatchBank, got {type(value).__name__}")

@@ -1,0 +1,357 @@
+"""User-facing patch constructors and the one canonical form they compile to.
+
+Every patch, whatever its kind, acts on a residual-stream row h in R^D as
+
+    h' = h + g(h) * ((h @ down.T + bias) @ up + shift)
+
+with ``down`` and ``up`` of shape [r, D] (r may be 0), ``bias`` [r], ``shift`` [D]
+and a gate g(h) in {0, 1}. Backends only ever see that form (stacked into a
+:class:`~fastpatch.bank.PatchBank`), so adding a patch kind never touches a kernel.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+# Gate modes as the kernels see them (one int32 per patch).
+GATE_NONE = 0
+GATE_COSINE_ABOVE = 1
+GATE_COSINE_BELOW = 2
+GATE_PROJECTION_ABOVE = 3
+GATE_PROJECTION_BELOW = 4
+
+_METRICS = ("cosine", "projection")
+_FIRE = ("above", "below")
+
+
+def _as_float_tensor(name: str, value: Any, ndim: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except Exception as exc:  # pragma: no cover - message is what matters
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}") from exc
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(value.shape)}")
+    if value.numel() == 0 and ndim == 1:
+        raise ValueError(f"{name} must not be empty")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return value.detach()
+
+
+def _unit(name: str, u: torch.Tensor) -> torch.Tensor:
+    u64 = u.to(torch.float64)
+    norm = float(u64.norm())
+    if norm == 0.0 or not math.isfinite(norm):
+        raise ValueError(f"{name} must be a non-zero direction (its norm is {norm})")
+    return u64 / norm
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Fire the patch on a row only where metric(h, condition) crosses ``threshold``."""
+
+    condition: torch.Tensor  # [D], unit norm, float64
+    threshold: float
+    metric: str = "cosine"
+    fire: str = "above"
+
+    @property
+    def mode(self) -> int:
+        base = GATE_COSINE_ABOVE if self.metric == "cosine" else GATE_PROJECTION_ABOVE
+        return base + (0 if self.fire == "above" else 1)
+
+    def same_as(self, other: "Gate") -> bool:
+        return (
+            self.metric == other.metric
+            and self.fire == other.fire
+            and self.threshold == other.threshold
+            and self.condition.shape == other.condition.shape
+            and bool(torch.equal(self.condition, other.condition))
+        )
+
+
+@dataclass(frozen=True)
+class CanonicalPatch:
+    """The one form every backend applies: h + g(h)·((h·downᵀ + bias)·up + shift).
+
+    Tensors are float64 on the CPU; a bank converts them to the serving dtype/device.
+    """
+
+    down: torch.Tensor  # [r, D]
+    bias: torch.Tensor  # [r]
+    up: torch.Tensor  # [r, D]
+    shift: torch.Tensor  # [D]
+    gate: Optional[Gate] = None
+    kind: str = "affine"
+    params: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.shift.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def canonical(self) -> "CanonicalPatch":
+        return self
+
+    def __post_init__(self) -> None:
+        d = self.shift.shape[0]
+        r = self.down.shape[0]
+        if self.down.shape != (r, d) or self.up.shape != (r, d) or self.bias.shape != (r,):
+            raise ValueError(
+                "canonical patch shapes disagree: "
+                f"down {tuple(self.down.shape)}, up {tuple(self.up.shape)}, "
+                f"bias {tuple(self.bias.shape)}, shift {tuple(self.shift.shape)}"
+            )
+        if self.gate is not None and self.gate.condition.shape != (d,):
+            raise ValueError(
+                f"gate condition has shape {tuple(self.gate.condition.shape)}, expected ({d},)"
+            )
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """The ungated edit for rows ``h`` [N, D], in h's dtype (used by the reference and hooks)."""
+        dt = h.dtype
+        out = self.shift.to(device=h.device, dtype=dt).expand_as(h).clone()
+        if self.rank:
+            z = h @ self.down.to(device=h.device, dtype=dt).T + self.bias.to(device=h.device, dtype=dt)
+            out = out + z @ self.up.to(device=h.device, dtype=dt)
+        return out
+
+    def fires(self, h: torch.Tensor) -> torch.Tensor:
+        """Boolean [N]: where the gate lets the patch act on rows ``h`` [N, D]."""
+        if self.gate is None:
+            return torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        c = self.gate.condition.to(device=h.device, dtype=h.dtype)
+        proj = h @ c
+        if self.gate.metric == "cosine":
+            hn = h.norm(dim=-1)
+            metric = torch.where(hn > 0, proj / torch.where(hn > 0, hn, torch.ones_like(hn)), torch.zeros_like(hn))
+        else:
+            metric = proj
+        if self.gate.fire == "above":
+            return metric > self.gate.threshold
+        return metric < self.gate.threshold
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        """h' for rows ``h`` [N, D] in h's dtype: the patch's definition in plain torch ops."""
+        g = self.fires(h).to(h.dtype).unsqueeze(-1)
+        return h + g * self.delta(h)
+
+
+class Patch:
+    """Base of the public constructors: they keep their own parameters and compile to canonical."""
+
+    kind = "patch"
+
+    def canonical(self) -> CanonicalPatch:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def hidden_size(self) -> int:
+        return self.canonical().hidden_size
+
+    @property
+    def rank(self) -> int:
+        return self.canonical().rank
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        return self.canonical().apply(h)
+
+    def __repr__(self) -> str:
+        c = self.canonical()
+        return f"{type(self).__name__}(hidden_size={c.hidden_size}, rank={c.rank})"
+
+
+def _empty_lowrank(d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    z = torch.zeros(0, d, dtype=torch.float64)
+    return z, torch.zeros(0, dtype=torch.float64), z.clone()
+
+
+class Steer(Patch):
+    """Add a steering vector: δ = scale·v."""
+
+    kind = "steer"
+
+    def __init__(self, v: torch.Tensor, scale: float = 1.0):
+        self.v = _as_float_tensor("Steer vector v", v, 1)
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"Steer scale must be finite, got {scale}")
+        self.scale = float(scale)
+        self._canon: Optional[CanonicalPatch] = None
+
+    def canonical(self) -> CanonicalPatch:
+        if self._canon is None:
+            d = self.v.shape[0]
+            down, bias, up = _empty_lowrank(d)
+            self._canon = CanonicalPatch(
+                down, bias, up, self.v.to(torch.float64) * self.scale,
+                kind=self.kind, params={"scale": self.scale},
+            )
+        return self._canon
+
+
+class Ablate(Patch):
+    """Remove the component along u: δ = −(h·û)û."""
+
+    kind = "ablate"
+
+    def __init__(self, u: torch.Tensor):
+        self.u = _as_float_tensor("Ablate direction u", u, 1)
+        self._unit = _unit("Ablate direction u", self.u)
+        self._canon: Optional[CanonicalPatch] = None
+
+    def canonical(self) -> CanonicalPatch:
+        if self._canon is None:
+            u = self._unit
+            self._canon = CanonicalPatch(
+                u[None].clone(), torch.zeros(1, dtype=torch.float64), -u[None].clone(),
+                torch.zeros_like(u), kind=self.kind,
+            )
+        return self._canon
+
+
+class Clamp(Patch):
+    """Set the projection on û to ``value``: δ = (value − h·û)û."""
+
+    kind = "clamp"
+
+    def __init__(self, u: torch.Tensor, value: float):
+        self.u = _as_float_tensor("Clamp direction u", u, 1)
+        self._unit = _unit("Clamp direction u", self.u)
+        if not math.isfinite(float(value)):
+            raise ValueError(f"Clamp value must be finite, got {value}")
+        self.value = float(value)
+        self._canon: Optional[CanonicalPatch] = None
+
+    def canonical(self) -> CanonicalPatch:
+        if self._canon is None:
+            u = self._unit
+            self._canon = CanonicalPatch(
+                u[None].clone(), torch.tensor([-self.value], dtype=torch.float64), -u[None].clone(),
+                torch.zeros_like(u), kind=self.kind, params={"value": self.value},
+            )
+        return self._canon
+
+
+class LowRank(Patch):
+    """Low-rank affine edit: δ = scale·(h·A + bias)·B with A [D, r], B [r, D], bias [r]."""
+
+    kind = "lowrank"
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 scale: float = 1.0):
+        self.A = _as_float_tensor("LowRank A", A, 2)
+        self.B = _as_float_tensor("LowRank B", B, 2)
+        d, r = self.A.shape
+        if self.B.shape != (r, d):
+            raise ValueError(
+                f"LowRank B must have shape (rank, hidden) = ({r}, {d}) to match A {tuple(self.A.shape)}, "
+                f"got {tuple(self.B.shape)}"
+            )
+        if bias is None:
+            self.bias = None
+        else:
+            self.bias = _as_float_tensor("LowRank bias", bias, 1)
+            if self.bias.shape != (r,):
+                raise ValueError(f"LowRank bias must have shape ({r},), got {tuple(self.bias.shape)}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"LowRank scale must be finite, got {scale}")
+        self.scale = float(scale)
+        self._canon: Optional[CanonicalPatch] = None
+
+    def canonical(self) -> CanonicalPatch:
+        if self._canon is None:
+            d, r = self.A.shape
+            bias = torch.zeros(r, dtype=torch.float64) if self.bias is None else self.bias.to(torch.float64)
+            self._canon = CanonicalPatch(
+                self.A.to(torch.float64).T.contiguous(), bias.clone(),
+                self.B.to(torch.float64) * self.scale, torch.zeros(d, dtype=torch.float64),
+                kind=self.kind, params={"scale": self.scale},
+            )
+        return self._canon
+
+
+class LoReFT(Patch):
+    """pyreft's intervention: δ = Rᵀ(W h + b − R h) with R, W [r, D] and b [r]."""
+
+    kind = "loreft"
+
+    def __init__(self, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor):
+        self.R = _as_float_tensor("LoReFT R", R, 2)
+        self.W = _as_float_tensor("LoReFT W", W, 2)
+        self.b = _as_float_tensor("LoReFT b", b, 1)
+        r, d = self.R.shape
+        if self.W.shape != (r, d):
+            raise ValueError(f"LoReFT W must have the shape of R {(r, d)}, got {tuple(self.W.shape)}")
+        if self.b.shape != (r,):
+            raise ValueError(f"LoReFT b must have shape ({r},), got {tuple(self.b.shape)}")
+        self._canon: Optional[CanonicalPatch] = None
+
+    def canonical(self) -> CanonicalPatch:
+        if self._canon is None:
+            R = self.R.to(torch.float64)
+            W = self.W.to(torch.float64)
+            self._canon = CanonicalPatch(
+                (W - R).contiguous(), self.b.to(torch.float64).clone(), R.clone(),
+                torch.zeros(R.shape[1], dtype=torch.float64), kind=self.kind,
+            )
+        return self._canon
+
+
+class Gated(Patch):
+    """Apply ``patch`` only on rows where metric(h, condition) is above/below ``threshold``.
+
+    metric "cosine": h·c/(‖h‖‖c‖) (0 where ‖h‖ = 0); "projection": h·c/‖c‖.
+    The gate is computed on h before the patch.
+    """
+
+    kind = "gated"
+
+    def __init__(self, patch: Patch, condition: torch.Tensor, threshold: float,
+                 metric: str = "cosine", fire: str = "above"):
+        if not isinstance(patch, (Patch, CanonicalPatch)):
+            raise TypeError(f"Gated patch must be a fastpatch patch, got {type(patch).__name__}")
+        if metric not in _METRICS:
+            raise ValueError(f"Gated metric must be one of {_METRICS}, got {metric!r}")
+        if fire not in _FIRE:
+            raise ValueError(f"Gated fire must be one of {_FIRE}, got {fire!r}")
+        if not math.isfinite(float(threshold)):
+            raise ValueError(f"Gated threshold must be finite, got {threshold}")
+        inner = patch.canonical()
+        if inner.gate is not None:
+            raise ValueError("Gated patch is already gated; a patch has at most one gate")
+        self.patch = patch
+        self.condition = _as_float_tensor("Gated condition", condition, 1)
+        if self.condition.shape[0] != inner.hidden_size:
+            raise ValueError(
+                f"Gated condition has size {self.condition.shape[0]}, patch hidden size is {inner.hidden_size}"
+            )
+        self._unit_condition = _unit("Gated condition", self.condition)
+        self.threshold = float(threshold)
+        self.metric = metric
+        self.fire = fire
+        self._canon: Optional[CanonicalPatch] = None
+
+    def canonical(self) -> CanonicalPatch:
+        if self._canon is None:
+            inner = self.patch.canonical()
+            gate = Gate(self._unit_condition, self.threshold, self.metric, self.fire)
+            self._canon = CanonicalPatch(
+                inner.down, inner.bias, inner.up, inner.shift, gate=gate,
+                kind=inner.kind, params=dict(inner.params),
+            )
+        return self._canon
+
+
+def to_canonical(patch: Any) -> CanonicalPatch:
+    if isinstance(patch, (Patch, CanonicalPatch)):
+        return patch.canonical()
+    raise TypeError(f"expected a fastpatch patch (Steer, Ablate, ...), got {type(patch).__name__}")

@@ -1,0 +1,144 @@
+"""Random test cases shared by every backend's tests: one grid, one oracle, one tolerance table.
+
+Inputs are random normals (never zeros); gate thresholds are put in the widest gap between the
+rows' metric values so that a backend's rounding cannot flip a gate decision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import fastpatch as fp
+from fastpatch import reference
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KINDS = ("steer", "ablate", "clamp", "lowrank", "loreft")
+
+# Tolerances against the float64 reference (rtol, atol). bf16 keeps 8 mantissa bits: the residual
+# is rounded once and the normed output twice (the norm reads the rounded residual).
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (2e-2, 3e-2),
+    torch.float16: (3e-3, 4e-3),
+}
+
+
+def make_patch(kind: str, D: int, gen: torch.Generator, rank: int = 4) -> fp.Patch:
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    if kind == "steer":
+        return fp.Steer(randn(D), scale=0.5 + torch.rand(1, generator=gen).item())
+    if kind == "ablate":
+        return fp.Ablate(randn(D))
+    if kind == "clamp":
+        return fp.Clamp(randn(D), value=float(randn(1)))
+    if kind == "lowrank":
+        return fp.LowRank(randn(D, rank) / D**0.5, randn(rank, D) / rank**0.5, bias=randn(rank) * 0.3, scale=0.7)
+    if kind == "loreft":
+        q, _ = torch.linalg.qr(randn(D, rank)) if D >= rank else (randn(D, rank), None)
+        R = q.T.contiguous()  # orthonormal rows, as pyreft trains them
+        return fp.LoReFT(R, R + randn(rank, D) * 0.3 / D**0.5, randn(rank) * 0.3)
+    raise ValueError(kind)
+
+
+def gate_threshold(h: torch.Tensor, condition: torch.Tensor, metric: str) -> float:
+    """A threshold in the widest gap between rows' metric values, near their median."""
+    c = condition.to(torch.float64)
+    c = c / c.norm()
+    proj = h @ c
+    if metric == "cosine":
+        hn = h.norm(dim=-1)
+        vals = torch.where(hn > 0, proj / hn.clamp_min(1e-300), torch.zeros_like(hn))
+    else:
+        vals = proj
+    v, _ = torch.sort(vals)
+    if v.numel() == 1:
+        return float(v[0]) - 0.05
+    n = v.numel()
+    lo, hi = max(0, n // 4 - 1), min(n - 1, (3 * n) // 4 + 1)
+    gaps = v[lo + 1:hi + 1] - v[lo:hi]
+    j = int(torch.argmax(gaps)) + lo
+    return float((v[j] + v[j + 1]) / 2)
+
+
+@dataclass
+class Case:
+    x: torch.Tensor
+    residual: Optional[torch.Tensor]
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    norm: str
+    eps: float
+    bank: Optional[fp.PatchBank]
+    index: Optional[torch.Tensor]
+
+    def kwargs(self) -> dict:
+        return dict(bias=self.bias, eps=self.eps, norm=self.norm, bank=self.bank, index=self.index)
+
+    def expected(self, fire_counts=None):
+        """(out, residual_out) in float64 from the reference."""
+        return reference.fused_add_norm(self.x, self.residual, self.weight, exact=True,
+                                        fire_counts=fire_counts, **self.kwargs())
+
+
+def make_case(N: int, D: int, dtype: torch.dtype, *, kind: Optional[str] = "steer", gated: bool = False,
+              index_mode: str = "none", norm: str = "rms", residual: bool = True, num_patches: int = 3,
+              rank: int = 4, seed: int = 0, device="cpu", bank_dtype=torch.float32,
+              metric: str = "cosine", fire: str = "above") -> Case:
+    """A random case. kind=None: no bank; "mix": kinds cycle over the bank. index_mode: "none" (index=None, one-patch bank),
+    "all_off" (all −1), "mixed" (random ids incl. −1 over ``num_patches`` patches)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64).to(dtype)
+    res = torch.randn(N, D, generator=gen, dtype=torch.float64).to(dtype) if residual else None
+    weight = (1 + 0.3 * torch.randn(D, generator=gen, dtype=torch.float64)).to(dtype)
+    bias = (0.2 * torch.randn(D, generator=gen, dtype=torch.float64)).to(dtype) if norm == "layer" else None
+    bank = index = None
+    if kind is not None:
+        h = x.to(torch.float64) + (res.to(torch.float64) if res is not None else 0)
+        P = 1 if index_mode == "none" else num_patches
+        patches = []
+        for k in range(P):
+            # kind="mix" cycles through kinds so one bank holds several kinds and ranks
+            kk = KINDS[k % len(KINDS)] if kind == "mix" else kind
+            p = make_patch(kk, D, gen, rank=rank)
+            if gated:
+                cond = torch.randn(D, generator=gen, dtype=torch.float64)
+                p = fp.Gated(p, cond, gate_threshold(h, cond, metric), metric=metric, fire=fire)
+            patches.append(p)
+        bank = fp.PatchBank(patches, D, dtype=bank_dtype)
+        if index_mode == "all_off":
+            index = torch.full((N,), -1, dtype=torch.int64)
+        elif index_mode == "mixed":
+            index = torch.randint(-1, P, (N,), generator=gen, dtype=torch.int64)
+        elif index_mode != "none":
+            raise ValueError(index_mode)
+    dev = torch.device(device)
+    mv = (lambda t: None if t is None else t.to(dev))
+    return Case(mv(x), mv(res), mv(weight), mv(bias), norm, 1e-6, None if bank is None else bank.to(dev),
+                mv(index))
+
+
+def poisoned_like(x: torch.Tensor) -> torch.Tensor:
+    """An output buffer full of NaN: any element a kernel forgets to write fails the comparison."""
+    return torch.full_like(x, float("nan"))
+
+
+def assert_matches_reference(case: Case, out: torch.Tensor, residual_out: torch.Tensor) -> None:
+    exp_out, exp_res = case.expected()
+    rtol, atol = TOLERANCES[case.x.dtype]
+    assert out.dtype == case.x.dtype and residual_out.dtype == case.x.dtype
+    torch.testing.assert_close(residual_out.cpu().double(), exp_res, rtol=rtol, atol=atol,
+                               msg=lambda m: f"residual_out differs from reference: {m}")
+    torch.testing.assert_close(out.cpu().double(), exp_out, rtol=rtol, atol=atol,
+                               msg=lambda m: f"out differs from reference: {m}")
+
+
+def run_backend(case: Case, backend: str, fire_counts=None, poison: bool = True):
+    """Call the public op with NaN-poisoned output buffers; returns (out, residual_out)."""
+    out = poisoned_like(case.x) if poison else None
+    res_out = poisoned_like(case.x) if poison else None
+    return fp.fused_add_norm(case.x, case.residual, case.weight, out=out, residual_out=res_out,
+                             fire_counts=fire_counts, backend=backend, **case.kwargs())
