@@ -2,11 +2,12 @@
 from .bank import PatchBank, as_bank
 from .ops import config, fused_add_norm
 from .patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LoReFT, LowRank, Patch, Steer
+from .scope import Scope, Scoped
 from . import reference
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Ablate", "CanonicalPatch", "Clamp", "Gate", "Gated", "LoReFT", "LowRank", "Patch", "PatchBank",
-    "Steer", "as_bank", "config", "fused_add_norm", "reference",
+    "Scope", "Scoped", "Steer", "as_bank", "config", "fused_add_norm", "reference",
 ]
