@@ -1,0 +1,277 @@
+"""Model-level benchmark behind `fastpatch bench`: HF eager vs hooks vs fused patches.
+
+Every variant is its own copy of one model, patched once before timing, so the timed loops
+contain only forwards. Variants run round-robin: each prefill repeat and each decode step
+is timed for all variants back to back, and ratios are medians of those paired samples —
+CPU timings here swing several-fold between runs, paired ratios much less.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class BenchConfig:
+    hidden: int = 512
+    layers: int = 8
+    heads: int = 8
+    kv_heads: int = 4
+    intermediate: int = 1408
+    vocab: int = 8192
+    batch: int = 4
+    prompt_len: int = 64
+    new_tokens: int = 32
+    repeats: int = 7
+    rank: int = 16
+    bank_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    backend: Optional[str] = None
+    model: Optional[str] = None  # a local HF model folder instead of the built-in config
+    variants: list = field(default_factory=list)  # empty = all
+    seed: int = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[self.dtype]
+
+
+def build_model(cfg: BenchConfig):
+    """The default: a small Llama-architecture model from a config, random weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
+    torch.manual_seed(cfg.seed)
+    if cfg.model:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    else:
+        config = LlamaConfig(
+            hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+            num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.intermediate, vocab_size=cfg.vocab,
+            max_position_embeddings=max(2048, cfg.prompt_len + cfg.new_tokens + 8), rms_norm_eps=1e-6,
+        )
+        config._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.to(device).eval()
+
+
+def _layer_sites(num_layers: int) -> list[str]:
+    return [f"layers.{i}.resid_post" for i in range(num_layers)]
+
+
+def _variants(cfg: BenchConfig, D: int, L: int, device, dtype) -> dict[str, Callable]:
+    """name -> function(model) that patches a model copy and returns its handle (or None)."""
+    import fastpatch as fp
+    from fastpatch import hooks
+
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    sites = _layer_sites(L)
+
+    def steer():
+        return fp.Steer(torch.randn(D, generator=gen) / D**0.5, scale=2.0)
+
+    def lowrank():
+        return fp.LowRank(torch.randn(D, cfg.rank, generator=gen) / D**0.5,
+                          torch.randn(cfg.rank, D, generator=gen) / cfg.rank**0.5 * 0.1)
+
+    def gated():
+        return fp.Gated(steer(), torch.randn(D, generator=gen), threshold=0.0)
+
+    def bank():
+        return fp.PatchBank([steer() for _ in range(cfg.bank_size)], D).to(device)
+
+    mixed_ids = torch.tensor([(i % (cfg.bank_size + 1)) - 1 for i in range(cfg.batch)], device=device)
+
+    def with_select(handle):
+        handle.select(mixed_ids)
+        return handle
+
+    b = cfg.backend
+    return {
+        "hf_eager": lambda m: None,
+        "hf_hooks_steer": lambda m: hooks.apply(m, {s: steer() for s in sites}),
+        "fastpatch_unpatched": lambda m: fp.apply(m, {s: None for s in sites}, backend=b),
+        "fastpatch_steer": lambda m: fp.apply(m, {s: steer() for s in sites}, backend=b),
+        f"fastpatch_lowrank{cfg.rank}": lambda m: fp.apply(m, {s: lowrank() for s in sites}, backend=b),
+        "fastpatch_gated": lambda m: fp.apply(m, {s: gated() for s in sites}, backend=b),
+        f"fastpatch_bank{cfg.bank_size}_mixed": lambda m: with_select(fp.apply(m, {s: bank() for s in sites}, backend=b)),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device) -> tuple[float, object]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
+    base = build_model(cfg)
+    D, L = base.config.hidden_size, base.config.num_hidden_layers
+    makers = _variants(cfg, D, L, device, dtype)
+    names = [n for n in makers if not cfg.variants or n in cfg.variants]
+    models, handles = {}, {}
+    for name in names:
+        m = copy.deepcopy(base)
+        handles[name] = makers[name](m)
+        models[name] = m
+
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    prompt = torch.randint(0, base.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=gen).to(device)
+    mask = torch.ones_like(prompt)
+    prefill = {n: [] for n in names}
+    decode = {n: [] for n in names}
+    total = cfg.repeats * len(names) + cfg.new_tokens * len(names)
+    bar = tqdm(total=total, desc="fastpatch bench", disable=not progress, unit="run")
+    with torch.inference_mode():
+        for m in models.values():  # warm-up: first calls build kernels / allocate
+            m(input_ids=prompt[:, :8], attention_mask=mask[:, :8])
+        for _ in range(cfg.repeats):
+            for n in names:
+                dt, _ = _timed(lambda: models[n](input_ids=prompt, attention_mask=mask), device)
+                prefill[n].append(dt)
+                bar.update(1)
+        caches, nxt, masks = {}, {}, {}
+        for n in names:
+            caches[n] = _new_cache(models[n])
+            out = models[n](input_ids=prompt, attention_mask=mask, past_key_values=caches[n], use_cache=True)
+            nxt[n] = out.logits[:, -1:].argmax(-1)
+            masks[n] = mask
+        for _ in range(cfg.new_tokens):
+            for n in names:
+                masks[n] = torch.cat([masks[n], torch.ones_like(nxt[n])], dim=1)
+                dt, out = _timed(lambda: models[n](input_ids=nxt[n], attention_mask=masks[n],
+                                                   past_key_values=caches[n], use_cache=True), device)
+                decode[n].append(dt)
+                nxt[n] = out.logits[:, -1:].argmax(-1)
+                bar.update(1)
+    bar.close()
+    for h in handles.values():
+        if h is not None:
+            h.remove()
+    return _summarise(cfg, names, prefill, decode, device, dtype, base)
+
+
+def _paired_ratio(a: list, b: list) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def _summarise(cfg, names, prefill, decode, device, dtype, model) -> dict:
+    base = names[0] if "hf_eager" not in names else "hf_eager"
+    fused = "fastpatch_unpatched" if "fastpatch_unpatched" in names else base
+    rows = []
+    for n in names:
+        rows.append({
+            "variant": n,
+            "prefill_ms": 1e3 * statistics.median(prefill[n]),
+            "decode_ms_per_token": 1e3 * statistics.median(decode[n]),
+            "prefill_vs_hf_eager": _paired_ratio(prefill[n], prefill[base]),
+            "decode_vs_hf_eager": _paired_ratio(decode[n], decode[base]),
+            "decode_vs_fastpatch_unpatched": _paired_ratio(decode[n], decode[fused]),
+        })
+    import fastpatch
+
+    return {
+        "config": asdict(cfg),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device_type": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "model": {"architecture": type(model).__name__, "hidden": model.config.hidden_size,
+                  "layers": model.config.num_hidden_layers,
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "versions": {"torch": torch.__version__, "fastpatch": fastpatch.__version__,
+                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows,
+    }
+
+
+def format_table(result: dict) -> str:
+    head = (f"fastpatch bench — {result['model']['architecture']} hidden {result['model']['hidden']}, "
+            f"{result['model']['layers']} layers, {result['dtype']}, {result['device_type']} "
+            f"({result['device']}, {result['threads']} threads), batch {result['config']['batch']}, "
+            f"prompt {result['config']['prompt_len']}, {result['config']['new_tokens']} new tokens")
+    lines = [head, "",
+             "| variant | prefill ms | decode ms/token | prefill / HF eager | decode / HF eager | decode / fastpatch unpatched |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['variant']} | {r['prefill_ms']:.2f} | {r['decode_ms_per_token']:.3f} | "
+                     f"{r['prefill_vs_hf_eager']:.3f} | {r['decode_vs_hf_eager']:.3f} | "
+                     f"{r['decode_vs_fastpatch_unpatched']:.3f} |")
+    lines.append("")
+    lines.append("Ratios are medians of paired samples (each variant timed back to back); < 1 is faster.")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [r["variant"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, title in ((axes[0], "prefill_vs_hf_eager", "prefill"), (axes[1], "decode_vs_hf_eager", "decode per token")):
+        vals = [r[key] for r in rows]
+        colors = ["#999999" if l.startswith("hf_") else "#1f77b4" for l in labels]
+        ax.barh(labels, vals, color=colors)
+        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.3f}", va="center", fontsize=8)
+        ax.set_title(f"{title}: time / HF eager (lower is faster)")
+        ax.invert_yaxis()
+    fig.suptitle(f"fastpatch bench: {result['model']['architecture']} hidden {result['model']['hidden']} × "
+                 f"{result['model']['layers']} layers, {result['dtype']}, {result['device_type']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(result: dict, out_dir: str, stem: str = "bench") -> dict:
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, f"{stem}.json"), "png": os.path.join(out_dir, f"{stem}.png"),
+             "md": os.path.join(out_dir, f"{stem}.md")}
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=2)
+    with open(paths["md"], "w") as f:
+        f.write(format_table(result) + "\n")
+    plot(result, paths["png"])
+    return paths
