@@ -1,0 +1,551 @@
+// CPU kernel of fastpatch.fused_add_norm: residual add + activation patch + RMS/LayerNorm in one
+// pass over each row. Semantics: fastpatch/reference.py. Gate decisions and norm statistics go
+// through csrc/patch_math.h, the same helpers the CUDA kernels use.
+//
+// Per row (D elements, fp32 maths whatever the storage dtype):
+//   unpatched row: x + residual -> round to x dtype -> residual_out, fp32 copy in a row buffer,
+//                  norm statistics accumulated on the way (one pass over the inputs);
+//   patched row:   x + residual -> row buffer, gate statistics on the way; then if the gate fires
+//                  z = h·downᵀ + bias (R dots over the buffer) and h + z·up + shift is rounded,
+//                  stored and accumulated (second pass, over the L1-resident buffer);
+//   then out = norm(rounded row)·(weight + offset) (+ bias) from the buffer.
+// Inputs of a row are read in full before its outputs are written, and every row only touches
+// its own slice, so out/residual_out may alias x/residual.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../patch_math.h"
+
+namespace fastpatch {
+namespace cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+using Full = std::true_type;   // a whole vector of lanes
+using Tail = std::false_type;  // the last, partial chunk of a row
+
+// ----------------------------------------------------------------------------------------------
+// Row I/O: a storage dtype T seen as fp32 vectors. Tail loads zero-fill the unused lanes, so sums
+// and dot products over a tail chunk need no masking.
+
+template <typename T>
+inline Vec load_full(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+}
+
+template <typename T>
+inline Vec load_tail(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, n);
+  } else {
+    alignas(64) float tmp[kLanes] = {};
+    for (int64_t l = 0; l < n; ++l) tmp[l] = static_cast<float>(p[l]);
+    return Vec::loadu(tmp);
+  }
+}
+
+template <typename Chunk, typename T>
+inline Vec load(const T* p, int64_t n) {
+  if constexpr (Chunk::value) return load_full(p);
+  else return load_tail(p, n);
+}
+
+template <typename Chunk>
+inline void store_f32(float* p, const Vec& v, int64_t n) {
+  if constexpr (Chunk::value) v.store(p);
+  else v.store(p, n);
+}
+
+// Store v rounded to T and return the rounded values in fp32: what the norm must read, since it
+// normalises residual_out as stored, not the unrounded sum.
+template <typename Chunk, typename T>
+inline Vec store_rounded(T* p, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    store_f32<Chunk>(p, v, n);
+    return v;
+  } else if constexpr (Chunk::value) {
+    auto packed = at::vec::convert_from_float<T>(v, v);  // round to nearest even, as torch does
+    packed.store(p, kLanes);
+    return std::get<0>(at::vec::convert_to_float<T>(packed));
+  } else {
+    alignas(64) float tmp[kLanes];
+    v.store(tmp);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const T r = static_cast<T>(l < n ? tmp[l] : 0.f);
+      if (l < n) p[l] = r;
+      tmp[l] = static_cast<float>(r);
+    }
+    return Vec::loadu(tmp);
+  }
+}
+
+// Calls body(Full{}, j) for each whole vector of a row and body(Tail{}, j) for the remainder.
+template <typename Body>
+inline void for_each_chunk(int64_t D, Body&& body) {
+  int64_t j = 0;
+  for (; j + kLanes <= D; j += kLanes) body(Full{}, j);
+  if (j < D) body(Tail{}, j);
+}
+
+inline float hsum(const Vec& v) {
+  alignas(64) float tmp[kLanes];
+  v.store(tmp);
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += tmp[l];
+  return s;
+}
+
+// ----------------------------------------------------------------------------------------------
+// One call's arguments as raw pointers (validated by the op wrapper below).
+
+struct Problem {
+  int64_t rows = 0, hidden = 0;
+  const void* x = nullptr;
+  const void* residual = nullptr;  // null: h = x
+  const void* weight = nullptr;    // null: scale 1 (+ offset)
+  const void* norm_bias = nullptr;
+  float eps = 0.f, weight_offset = 0.f;
+  int norm_kind = kNormRms;
+  void* out = nullptr;
+  void* residual_out = nullptr;
+  // Patch bank; has_bank false means no patching at all.
+  bool has_bank = false;
+  int64_t num_patches = 0, rank = 0;
+  const void* down = nullptr;       // [P, R, D], null when R == 0
+  const void* down_bias = nullptr;  // [P, R]
+  const void* up = nullptr;         // [P, R, D]
+  const void* shift = nullptr;      // [P, D], null when no patch has a shift
+  const void* gate_dir = nullptr;   // [P, D], null when no patch is gated
+  const float* gate_threshold = nullptr;
+  const int32_t* gate_mode = nullptr;
+  const void* index = nullptr;  // null with a bank: patch 0 on every row
+  bool index_is_64 = false;
+  int32_t* fire_counts = nullptr;
+};
+
+// The patch a row asks for, or -1. Out-of-range entries mean "no patch", never a wild read.
+inline int64_t patch_of_row(const Problem& p, int64_t row) {
+  if (!p.has_bank) return -1;
+  if (p.index == nullptr) return 0;
+  const int64_t k = p.index_is_64 ? static_cast<const int64_t*>(p.index)[row]
+                                  : static_cast<const int32_t*>(p.index)[row];
+  return (k >= 0 && k < p.num_patches) ? k : -1;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Passes over one row.
+
+// Unpatched row: residual_out = round(x + residual), buf = that in fp32, with Σ and Σ² for the norm.
+template <typename T, bool kResidual>
+inline void add_round_store(const T* x, const T* res, T* res_out, float* buf, int64_t D,
+                            float& sum, float& sumsq) {
+  Vec s(0.f), q(0.f);
+  for_each_chunk(D, [&](auto chunk, int64_t j) {
+    using C = decltype(chunk);
+    const int64_t n = D - j;
+    Vec h = load<C>(x + j, n);
+    if constexpr (kResidual) h = h + load<C>(res + j, n);
+    const Vec r = store_rounded<C>(res_out + j, h, n);
+    store_f32<C>(buf + j, r, n);
+    s = s + r;
+    q = at::vec::fmadd(r, r, q);
+  });
+  sum = hsum(s);
+  sumsq = hsum(q);
+}
+
+// Patched row, first pass: buf = x + residual (unrounded fp32); with a gate also h·ĉ and ‖h‖².
+template <typename T, typename B, bool kResidual, bool kGate>
+inline void add_to_buffer(const T* x, const T* res, const B* gate_dir, float* buf, int64_t D,
+                          float& proj, float& sumsq) {
+  Vec pr(0.f), q(0.f);
+  for_each_chunk(D, [&](auto chunk, int64_t j) {
+    using C = decltype(chunk);
+    const int64_t n = D - j;
+    Vec h = load<C>(x + j, n);
+    if constexpr (kResidual) h = h + load<C>(res + j, n);
+    store_f32<C>(buf + j, h, n);
+    if constexpr (kGate) {
+      pr = at::vec::fmadd(h, load<C>(gate_dir + j, n), pr);
+      q = at::vec::fmadd(h, h, q);
+    }
+  });
+  proj = hsum(pr);
+  sumsq = hsum(q);
+}
+
+// z[r] = buf·down[r] + bias[r] for r < R, four dots per sweep so each buffer load feeds four FMAs.
+template <typename B>
+inline void down_project(const float* buf, const B* down, const B* bias, int64_t R, int64_t D,
+                         float* z) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {
+    const B* d0 = down + r * D;
+    const B* d1 = d0 + D;
+    const B* d2 = d1 + D;
+    const B* d3 = d2 + D;
+    Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+    for_each_chunk(D, [&](auto chunk, int64_t j) {
+      using C = decltype(chunk);
+      const int64_t n = D - j;
+      const Vec h = load<C>(buf + j, n);
+      a0 = at::vec::fmadd(h, load<C>(d0 + j, n), a0);
+      a1 = at::vec::fmadd(h, load<C>(d1 + j, n), a1);
+      a2 = at::vec::fmadd(h, load<C>(d2 + j, n), a2);
+      a3 = at::vec::fmadd(h, load<C>(d3 + j, n), a3);
+    });
+    z[r] = hsum(a0) + static_cast<float>(bias[r]);
+    z[r + 1] = hsum(a1) + static_cast<float>(bias[r + 1]);
+    z[r + 2] = hsum(a2) + static_cast<float>(bias[r + 2]);
+    z[r + 3] = hsum(a3) + static_cast<float>(bias[r + 3]);
+  }
+  for (; r < R; ++r) {
+    const B* d = down + r * D;
+    Vec a(0.f);
+    for_each_chunk(D, [&](auto chunk, int64_t j) {
+      using C = decltype(chunk);
+      const int64_t n = D - j;
+      a = at::vec::fmadd(load<C>(buf + j, n), load<C>(d + j, n), a);
+    });
+    z[r] = hsum(a) + static_cast<float>(bias[r]);
+  }
+}
+
+// Patched row, second pass: h' = buf + Σ z[r]·up[r] + shift (R may be 0, shift may be null),
+// rounded into residual_out and back into buf, with Σ and Σ² for the norm. With R == 0 and no
+// shift this is the "gate did not fire" pass.
+template <typename T, typename B>
+inline void finish_patched(float* buf, const float* z, const B* up, int64_t R, const B* shift,
+                           T* res_out, int64_t D, float& sum, float& sumsq) {
+  Vec s(0.f), q(0.f);
+  for_each_chunk(D, [&](auto chunk, int64_t j) {
+    using C = decltype(chunk);
+    const int64_t n = D - j;
+    Vec h = load<C>(buf + j, n);
+    if (shift != nullptr) h = h + load<C>(shift + j, n);
+    for (int64_t r = 0; r < R; ++r) h = at::vec::fmadd(Vec(z[r]), load<C>(up + r * D + j, n), h);
+    const Vec rounded = store_rounded<C>(res_out + j, h, n);
+    store_f32<C>(buf + j, rounded, n);
+    s = s + rounded;
+    q = at::vec::fmadd(rounded, rounded, q);
+  });
+  sum = hsum(s);
+  sumsq = hsum(q);
+}
+
+// Σ(buf − mean)² for LayerNorm: the two-pass form, which keeps its precision when |mean| ≫ std.
+inline float centred_sumsq(const float* buf, float mean, int64_t D) {
+  Vec q(0.f);
+  const Vec m(mean);
+  int64_t j = 0;
+  for (; j + kLanes <= D; j += kLanes) {
+    const Vec d = Vec::loadu(buf + j) - m;
+    q = at::vec::fmadd(d, d, q);
+  }
+  float tail = 0.f;  // scalar: zero-filled lanes would otherwise add mean² each
+  for (; j < D; ++j) tail += (buf[j] - mean) * (buf[j] - mean);
+  return hsum(q) + tail;
+}
+
+// out = (buf − mean)·inv·(weight + offset) (+ bias), rounded to T.
+template <typename T, typename W, bool kWeight, bool kBias>
+inline void write_normed(const float* buf, const W* weight, const W* bias, float offset,
+                         float mean, float inv, T* out, int64_t D) {
+  const Vec m(mean), s(inv), off(offset), unit_scale(inv * (1.f + offset));
+  for_each_chunk(D, [&](auto chunk, int64_t j) {
+    using C = decltype(chunk);
+    const int64_t n = D - j;
+    const Vec centred = load<C>(buf + j, n) - m;
+    Vec y;
+    if constexpr (kWeight) y = centred * s * (load<C>(weight + j, n) + off);
+    else y = centred * unit_scale;
+    if constexpr (kBias) y = y + load<C>(bias + j, n);
+    store_rounded<C>(out + j, y, n);
+  });
+}
+
+template <typename T, typename W>
+inline void write_normed_any(const Problem& p, const float* buf, float mean, float inv, T* out) {
+  const W* w = static_cast<const W*>(p.weight);
+  const W* b = static_cast<const W*>(p.norm_bias);
+  const int64_t D = p.hidden;
+  if (w && b) write_normed<T, W, true, true>(buf, w, b, p.weight_offset, mean, inv, out, D);
+  else if (w) write_normed<T, W, true, false>(buf, w, b, p.weight_offset, mean, inv, out, D);
+  else if (b) write_normed<T, W, false, true>(buf, w, b, p.weight_offset, mean, inv, out, D);
+  else write_normed<T, W, false, false>(buf, w, b, p.weight_offset, mean, inv, out, D);
+}
+
+// ----------------------------------------------------------------------------------------------
+// One row, end to end. T: x dtype; B: bank dtype (float or T); W: norm weight/bias dtype.
+
+template <typename T, typename B, typename W, bool kResidual>
+void process_row(const Problem& p, int64_t row, float* buf, std::vector<float>& z) {
+  const int64_t D = p.hidden;
+  const T* x = static_cast<const T*>(p.x) + row * D;
+  const T* res = kResidual ? static_cast<const T*>(p.residual) + row * D : nullptr;
+  T* res_out = static_cast<T*>(p.residual_out) + row * D;
+  float sum = 0.f, sumsq = 0.f;  // of the rounded residual_out row
+
+  const int64_t k = patch_of_row(p, row);
+  if (k < 0) {
+    add_round_store<T, kResidual>(x, res, res_out, buf, D, sum, sumsq);
+  } else {
+    const int mode = p.gate_dir ? p.gate_mode[k] : kGateNone;
+    float proj = 0.f, h_sumsq = 0.f;
+    if (mode != kGateNone) {
+      const B* dir = static_cast<const B*>(p.gate_dir) + k * D;
+      add_to_buffer<T, B, kResidual, true>(x, res, dir, buf, D, proj, h_sumsq);
+    } else {
+      add_to_buffer<T, B, kResidual, false>(x, res, nullptr, buf, D, proj, h_sumsq);
+    }
+    const bool fires = gate_fires(mode, proj, h_sumsq, p.gate_threshold ? p.gate_threshold[k] : 0.f);
+    if (fires) {
+      if (p.fire_counts) __atomic_fetch_add(p.fire_counts + k, 1, __ATOMIC_RELAXED);
+      const int64_t R = p.down ? p.rank : 0;
+      if (R > 0) {
+        down_project<B>(buf, static_cast<const B*>(p.down) + k * R * D,
+                        static_cast<const B*>(p.down_bias) + k * R, R, D, z.data());
+      }
+      const B* up = R > 0 ? static_cast<const B*>(p.up) + k * R * D : nullptr;
+      const B* shift = p.shift ? static_cast<const B*>(p.shift) + k * D : nullptr;
+      finish_patched<T, B>(buf, z.data(), up, R, shift, res_out, D, sum, sumsq);
+    } else {
+      finish_patched<T, B>(buf, nullptr, static_cast<const B*>(nullptr), 0, nullptr, res_out, D, sum,
+                           sumsq);
+    }
+  }
+
+  float mean = 0.f, inv;
+  if (p.norm_kind == kNormLayer) {
+    mean = sum / static_cast<float>(D);
+    inv = layer_inv(centred_sumsq(buf, mean, D), static_cast<int>(D), p.eps);
+  } else {
+    inv = rms_inv(sumsq, static_cast<int>(D), p.eps);
+  }
+  write_normed_any<T, W>(p, buf, mean, inv, static_cast<T*>(p.out) + row * D);
+}
+
+// Rows per task: enough work (~32K elements, more with a rank) that a task outweighs waking a
+// thread, so a decode step's handful of rows runs inline on the calling thread.
+inline int64_t grain_rows(const Problem& p) {
+  const int64_t per_row = p.hidden * (1 + (p.has_bank ? p.rank : 0));
+  return std::max<int64_t>(1, (int64_t{32768} + per_row - 1) / per_row);
+}
+
+template <typename T, typename B, typename W>
+void run_rows(const Problem& p) {
+  at::parallel_for(0, p.rows, grain_rows(p), [&](int64_t begin, int64_t end) {
+    // One fp32 row buffer per thread, reused across calls: a decode step allocates nothing.
+    thread_local std::vector<float> buf;
+    thread_local std::vector<float> z;
+    if (static_cast<int64_t>(buf.size()) < p.hidden) buf.resize(p.hidden);
+    if (static_cast<int64_t>(z.size()) < p.rank) z.resize(p.rank);
+    for (int64_t row = begin; row < end; ++row) {
+      if (p.residual) process_row<T, B, W, true>(p, row, buf.data(), z);
+      else process_row<T, B, W, false>(p, row, buf.data(), z);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// The op: checks (cheap; fastpatch.ops.check_inputs did the thorough ones), dtype dispatch.
+
+const void* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr() : nullptr;
+}
+
+void check_param(const std::optional<at::Tensor>& t, const char* name, int64_t numel) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t->numel() == numel, name, " has ", t->numel(), " elements, expected ", numel);
+}
+
+// A float parameter in fp32 or in `same` (x's dtype); anything else goes to fp32 (a slow path for
+// unusual mixes, e.g. an fp16 bank with bf16 activations).
+std::optional<at::Tensor> as_float_or(const std::optional<at::Tensor>& t, at::ScalarType same,
+                                      bool to_float) {
+  if (!t.has_value()) return t;
+  if (to_float && t->scalar_type() != at::kFloat) return t->to(at::kFloat);
+  return t;
+}
+
+template <typename T>
+void dispatch_param_dtypes(const Problem& p, bool bank_f32, bool weight_f32) {
+  if constexpr (std::is_same_v<T, float>) {
+    run_rows<float, float, float>(p);
+  } else {
+    if (bank_f32 && weight_f32) run_rows<T, float, float>(p);
+    else if (bank_f32) run_rows<T, float, T>(p);
+    else if (weight_f32) run_rows<T, T, float>(p);
+    else run_rows<T, T, T>(p);
+  }
+}
+
+void fused_add_norm_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& norm_bias_in,
+    double eps, int64_t norm_kind, double weight_offset,
+    const std::optional<at::Tensor>& down_in, const std::optional<at::Tensor>& down_bias_in,
+    const std::optional<at::Tensor>& up_in, const std::optional<at::Tensor>& shift_in,
+    const std::optional<at::Tensor>& gate_dir_in, const std::optional<at::Tensor>& gate_threshold,
+    const std::optional<at::Tensor>& gate_mode, const std::optional<at::Tensor>& index,
+    const std::optional<at::Tensor>& fire_counts, const at::Tensor& out,
+    const at::Tensor& residual_out) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [rows, hidden]");
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "x must be float32, bfloat16 or float16");
+  TORCH_CHECK(norm_kind == kNormRms || norm_kind == kNormLayer, "norm_kind must be 0 or 1");
+  const int64_t N = x.size(0), D = x.size(1);
+  for (const at::Tensor* t : {&out, &residual_out}) {
+    TORCH_CHECK(t->sizes() == x.sizes() && t->scalar_type() == dt && t->is_contiguous() &&
+                    t->device().is_cpu(),
+                "out and residual_out must be contiguous CPU tensors shaped like x, in x's dtype");
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == dt,
+                "residual must match x in shape and dtype");
+    check_param(residual, "residual", N * D);
+  }
+
+  // Norm affine: both in fp32 or both in x's dtype.
+  const bool weight_f32 = (weight_in.has_value() && weight_in->scalar_type() == at::kFloat) ||
+                          (norm_bias_in.has_value() && norm_bias_in->scalar_type() == at::kFloat) ||
+                          dt == at::kFloat;
+  for (const auto* t : {&weight_in, &norm_bias_in}) {
+    TORCH_CHECK(!t->has_value() || (*t)->scalar_type() == at::kFloat || (*t)->scalar_type() == dt,
+                "weight and bias must be float32 or x's dtype");
+  }
+  const auto weight = as_float_or(weight_in, dt, weight_f32);
+  const auto norm_bias = as_float_or(norm_bias_in, dt, weight_f32);
+  check_param(weight, "weight", D);
+  check_param(norm_bias, "bias", D);
+
+  Problem p;
+  p.rows = N;
+  p.hidden = D;
+  p.x = x.data_ptr();
+  p.residual = ptr_or_null(residual);
+  p.weight = ptr_or_null(weight);
+  p.norm_bias = ptr_or_null(norm_bias);
+  p.eps = static_cast<float>(eps);
+  p.weight_offset = static_cast<float>(weight_offset);
+  p.norm_kind = static_cast<int>(norm_kind);
+  p.out = out.data_ptr();
+  p.residual_out = residual_out.data_ptr();
+
+  // The bank: gate_mode (one int32 per patch) is always given with a bank and fixes P.
+  bool bank_f32 = true;
+  std::optional<at::Tensor> down, down_bias, up, shift, gate_dir;
+  if (gate_mode.has_value()) {
+    TORCH_CHECK(gate_mode->scalar_type() == at::kInt && gate_mode->dim() == 1,
+                "gate_mode must be int32 [P]");
+    const int64_t P = gate_mode->numel();
+    TORCH_CHECK(P > 0, "a bank needs at least one patch");
+    int64_t R = 0;
+    if (down_in.has_value()) {
+      TORCH_CHECK(down_in->dim() == 3 && down_in->size(0) == P && down_in->size(2) == D,
+                  "down must be [P, R, hidden]");
+      R = down_in->size(1);
+      TORCH_CHECK(up_in.has_value() && down_bias_in.has_value(), "down needs up and down_bias");
+    }
+    // Bank parameters are all in one dtype (PatchBank guarantees it): fp32 or x's dtype.
+    at::ScalarType bank_dt = at::kFloat;
+    for (const auto* t : {&down_in, &down_bias_in, &up_in, &shift_in, &gate_dir_in}) {
+      if (t->has_value()) bank_dt = (*t)->scalar_type();
+    }
+    bank_f32 = bank_dt == at::kFloat || bank_dt != dt;
+    const bool convert = bank_dt != at::kFloat && bank_dt != dt;
+    down = as_float_or(down_in, dt, convert);
+    down_bias = as_float_or(down_bias_in, dt, convert);
+    up = as_float_or(up_in, dt, convert);
+    shift = as_float_or(shift_in, dt, convert);
+    gate_dir = as_float_or(gate_dir_in, dt, convert);
+    const at::ScalarType want = bank_f32 ? at::kFloat : dt;
+    for (const auto* t : {&down, &down_bias, &up, &shift, &gate_dir}) {
+      TORCH_CHECK(!t->has_value() || (*t)->scalar_type() == want,
+                  "bank tensors must share one dtype");
+    }
+    check_param(down, "down", P * R * D);
+    check_param(down_bias, "down_bias", P * R);
+    check_param(up, "up", P * R * D);
+    check_param(shift, "shift", P * D);
+    check_param(gate_dir, "gate_dir", P * D);
+    check_param(gate_mode, "gate_mode", P);
+    if (gate_dir.has_value()) {
+      TORCH_CHECK(gate_threshold.has_value() && gate_threshold->scalar_type() == at::kFloat,
+                  "a gated bank needs float32 gate_threshold");
+      check_param(gate_threshold, "gate_threshold", P);
+    }
+    if (index.has_value()) {
+      TORCH_CHECK(index->scalar_type() == at::kInt || index->scalar_type() == at::kLong,
+                  "index must be int32 or int64");
+      check_param(index, "index", N);
+    }
+    if (fire_counts.has_value()) {
+      TORCH_CHECK(fire_counts->scalar_type() == at::kInt, "fire_counts must be int32");
+      check_param(fire_counts, "fire_counts", P);
+    }
+    p.has_bank = true;
+    p.num_patches = P;
+    p.rank = R;
+    p.down = R > 0 ? ptr_or_null(down) : nullptr;
+    p.down_bias = R > 0 ? ptr_or_null(down_bias) : nullptr;
+    p.up = R > 0 ? ptr_or_null(up) : nullptr;
+    p.shift = ptr_or_null(shift);
+    p.gate_dir = ptr_or_null(gate_dir);
+    p.gate_threshold = gate_threshold.has_value() ? gate_threshold->data_ptr<float>() : nullptr;
+    p.gate_mode = gate_mode->data_ptr<int32_t>();
+    p.index = ptr_or_null(index);
+    p.index_is_64 = index.has_value() && index->scalar_type() == at::kLong;
+    p.fire_counts = fire_counts.has_value() ? fire_counts->data_ptr<int32_t>() : nullptr;
+  } else {
+    TORCH_CHECK(!down_in.has_value() && !up_in.has_value() && !shift_in.has_value() &&
+                    !gate_dir_in.has_value() && !index.has_value() && !fire_counts.has_value(),
+                "bank tensors, index and fire_counts need gate_mode (it marks a bank)");
+  }
+  if (N == 0) return;
+
+  switch (dt) {
+    case at::kFloat: dispatch_param_dtypes<float>(p, bank_f32, weight_f32); break;
+    case at::kBFloat16: dispatch_param_dtypes<c10::BFloat16>(p, bank_f32, weight_f32); break;
+    case at::kHalf: dispatch_param_dtypes<c10::Half>(p, bank_f32, weight_f32); break;
+    default: TORCH_CHECK(false, "unsupported dtype");
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastpatch
+
+// One op for every variant; absent parts are None. gate_mode marks a bank (it is never absent
+// when one is given). The outputs are written in place: out, residual_out and fire_counts.
+TORCH_LIBRARY(fastpatch_cpp, m) {
+  m.def(
+      "fused_add_norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
+      "int norm_kind, float weight_offset, Tensor? down, Tensor? down_bias, Tensor? up, "
+      "Tensor? shift, Tensor? gate_dir, Tensor? gate_threshold, Tensor? gate_mode, Tensor? index, "
+      "Tensor(a!)? fire_counts, Tensor(b!) out, Tensor(c!) residual_out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastpatch_cpp, CPU, m) {
+  m.impl("fused_add_norm", &fastpatch::cpu::fused_add_norm_cpu);
+}

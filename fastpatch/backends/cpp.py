@@ -1,0 +1,124 @@
+"""The C++ CPU backend: csrc/cpu/fused_add_norm.cpp, JIT-built on first use.
+
+The kernel is compiled for the SIMD level torch itself picked for this CPU (AVX512, AVX2 or the
+portable default), never with -march=native: the flags are part of torch's extension-cache hash,
+so a cache shared with a different machine rebuilds instead of running foreign instructions.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_SOURCES = [_CSRC / "cpu" / "fused_add_norm.cpp"]
+
+# at::vec is a header library: the capability macro picks the vector width it compiles to.
+_SIMD_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+_lock = threading.Lock()
+_built: Optional[bool] = None
+_error: str = ""
+_op = None  # torch.ops.fastpatch_cpp.fused_add_norm.default once built
+
+
+def _simd_flags() -> list[str]:
+    if os.environ.get("FASTPATCH_CPU_PORTABLE"):  # escape hatch: build the portable kernel
+        return []
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        return []
+    # AVX512 torch capability strings include e.g. "AVX512" and "AVX512_BF16"-style suffixes.
+    if capability.startswith("AVX512"):
+        return _SIMD_FLAGS["AVX512"]
+    if capability.startswith("AVX2"):
+        return _SIMD_FLAGS["AVX2"]
+    return []
+
+
+def build(verbose: bool = False) -> None:
+    """Compile (or load from torch's extension cache) the kernel and register its fake impl."""
+    global _built, _error, _op
+    with _lock:
+        if _built is not None:
+            return
+        try:
+            from torch.utils.cpp_extension import load
+
+            if not all(s.exists() for s in _SOURCES):
+                raise FileNotFoundError(f"C++ sources not found under {_CSRC}")
+            load(name="fastpatch_cpu", sources=[str(s) for s in _SOURCES],
+                 extra_cflags=["-O3", "-std=c++17", *_simd_flags()],
+                 extra_include_paths=[str(_CSRC)], is_python_module=False, verbose=verbose)
+            _register_fake()
+            _op = torch.ops.fastpatch_cpp.fused_add_norm.default
+            _built = True
+        except Exception as exc:  # any build failure just makes the backend unavailable
+            _error = f"{type(exc).__name__}: {exc}"
+            _built = False
+
+
+def _register_fake() -> None:
+    # The op only writes into its out-arguments, so the fake impl has nothing to compute; it lets
+    # torch.compile trace through the op without running it.
+    @torch.library.register_fake("fastpatch_cpp::fused_add_norm")
+    def _(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift,
+          gate_dir, gate_threshold, gate_mode, index, fire_counts, out, residual_out):
+        return None
+
+
+def is_available(device) -> bool:
+    if torch.device(device).type != "cpu":
+        return False
+    if _built is None:
+        build()
+    return bool(_built)
+
+
+def why_unavailable(device) -> str:
+    if torch.device(device).type != "cpu":
+        return "the cpp backend runs on CPU tensors only"
+    if _built is None:
+        build()
+    return _error or "available"
+
+
+def op():
+    """The registered op (``torch.ops.fastpatch_cpp.fused_add_norm.default``); builds it if needed."""
+    if _op is None:
+        build()
+        if not _built:
+            raise RuntimeError(f"fastpatch cpp backend failed to build: {_error}")
+    return _op
+
+
+def run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
+        out=None, residual_out=None):
+    # Hot path (twice per decoder layer per token): no dicts, no host syncs, only outputs allocated.
+    call = _op if _op is not None else op()
+    if out is None:
+        out = torch.empty_like(x2d)
+    if residual_out is None:
+        residual_out = torch.empty_like(x2d)
+    if bank is None:
+        call(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, None, None, None, None,
+             None, None, None, None, None, out, residual_out)
+    else:
+        # Parts no patch uses are passed as None so the kernel skips them: rank 0 -> no dots,
+        # no shift -> no shift load, no gate -> no gate statistics.
+        low_rank = bank.rank > 0
+        gated = bank.has_gate
+        call(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset,
+             bank.down if low_rank else None, bank.bias if low_rank else None,
+             bank.up if low_rank else None, bank.shift if bank.has_shift else None,
+             bank.gate_dir if gated else None, bank.gate_threshold if gated else None,
+             bank.gate_mode, index, fire_counts, out, residual_out)
+    return out, residual_out
