@@ -31,10 +31,18 @@ _PREFERENCE = {
 BACKENDS = tuple(_MODULES)
 
 
+# Imported modules by name: a dict lookup keeps the per-call cost of backend="..." tiny and lets
+# torch.compile trace through resolve() (dynamo refuses to trace importlib.import_module).
+_loaded: dict = {}
+
+
 def load(name: str) -> ModuleType:
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or None")
-    return importlib.import_module(_MODULES[name])
+    module = _loaded.get(name)
+    if module is None:
+        if name not in _MODULES:
+            raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or None")
+        module = _loaded[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def available(device) -> list[str]:
