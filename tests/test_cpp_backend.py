@@ -1,0 +1,352 @@
+"""The C++ CPU backend against the float64 reference, through the public op with poisoned outputs.
+
+The grid (dtype × rows × hidden × kind × gate × index × norm × residual) is too large to run in
+full by default, so it is covered in two strata: every combination on the small sizes (grouped into
+one test per dtype/kind/gate/index so pytest's per-item cost stays low), and an all-pairs cover of
+the whole grid, which is where the 257-row / 4097-wide cases (vector tails, several threads) come
+in. `-m slow` runs the full product.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+import fastpatch as fp
+from fastpatch import backends
+from fastpatch.backends import cpp
+
+from casegen import DTYPES, TOLERANCES, assert_matches_reference, make_case, poisoned_like, run_backend
+
+if not cpp.is_available("cpu"):  # pragma: no cover - a machine without a C++ toolchain
+    pytest.skip(f"cpp backend unavailable: {cpp.why_unavailable('cpu')}", allow_module_level=True)
+
+ROWS = (1, 3, 64, 257)
+HIDDEN = (1, 64, 768, 4097)
+KINDS = ("steer", "ablate", "clamp", "lowrank", "loreft", "mix")
+GATED = (False, True)
+INDEX_MODES = ("none", "all_off", "mixed")
+NORMS = ("rms", "layer")
+RESIDUAL = (True, False)
+SMALL_ROWS = (1, 3, 64)
+SMALL_HIDDEN = (1, 64, 768)
+
+
+def check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=0, **kw):
+    num_patches = 6 if kind == "mix" else 3  # "mix" cycles all five kinds through one bank
+    if gated and D == 1 and "metric" not in kw:
+        # At D = 1 every row's cosine is exactly ±1, so casegen's threshold lands on the metric
+        # values themselves and fp32 rounding decides the gate; the projection has real gaps.
+        kw["metric"] = "projection"
+    case = make_case(N, D, dtype, kind=kind, gated=gated, index_mode=index_mode, norm=norm,
+                     residual=residual, num_patches=num_patches, seed=seed, **kw)
+    out, res_out = run_backend(case, "cpp")
+    assert_matches_reference(case, out, res_out)
+
+
+# --- stratum 1: full product on the small sizes ---------------------------------------------------
+
+@pytest.mark.parametrize("index_mode", INDEX_MODES)
+@pytest.mark.parametrize("gated", GATED, ids=("ungated", "gated"))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_grid(dtype, kind, gated, index_mode):
+    for N, D, norm, residual in itertools.product(SMALL_ROWS, SMALL_HIDDEN, NORMS, RESIDUAL):
+        check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=N * 7919 + D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_bank(dtype):
+    for N, D, norm, residual in itertools.product(ROWS, HIDDEN, NORMS, RESIDUAL):
+        check(N, D, dtype, None, False, "none", norm, residual, seed=D)
+
+
+# --- stratum 2: an all-pairs cover of the whole grid ----------------------------------------------
+
+def all_pairs(factors, seed=0, candidates=60):
+    """A small list of combinations in which every pair of values of every two factors occurs.
+
+    Greedy: each round draws random candidates and keeps the one covering most uncovered pairs
+    (deterministic for a seed); ~35 rows for this grid instead of 27,648.
+    """
+    rng = random.Random(seed)
+    names = list(factors)
+    uncovered = {(a, va, b, vb) for a, b in itertools.combinations(range(len(names)), 2)
+                 for va in range(len(factors[names[a]])) for vb in range(len(factors[names[b]]))}
+    rows = []
+    while uncovered:
+        # seed every round with one uncovered pair so the loop always progresses
+        a, va, b, vb = min(uncovered)
+        best, best_gain = None, -1
+        for _ in range(candidates):
+            combo = [rng.randrange(len(factors[n])) for n in names]
+            combo[a], combo[b] = va, vb
+            gain = sum((i, combo[i], j, combo[j]) in uncovered
+                       for i, j in itertools.combinations(range(len(names)), 2))
+            if gain > best_gain:
+                best, best_gain = combo, gain
+        for i, j in itertools.combinations(range(len(names)), 2):
+            uncovered.discard((i, best[i], j, best[j]))
+        rows.append(tuple(factors[n][v] for n, v in zip(names, best)))
+    return rows
+
+
+FACTORS = dict(dtype=DTYPES, N=ROWS, D=HIDDEN, kind=KINDS, gated=GATED, index_mode=INDEX_MODES,
+               norm=NORMS, residual=RESIDUAL)
+PAIRWISE = all_pairs(FACTORS)
+
+
+def _case_id(combo):
+    dtype, N, D, kind, gated, index_mode, norm, residual = combo
+    return (f"{str(dtype).split('.')[-1]}-{N}x{D}-{kind}-{'gated' if gated else 'ungated'}-"
+            f"{index_mode}-{norm}-{'res' if residual else 'nores'}")
+
+
+@pytest.mark.parametrize("combo", PAIRWISE, ids=_case_id)
+def test_pairwise_grid(combo):
+    dtype, N, D, kind, gated, index_mode, norm, residual = combo
+    check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=hash(_case_id(combo)) % 10_000)
+
+
+def test_pairwise_cover_includes_the_big_sizes():
+    assert {c[1] for c in PAIRWISE} == set(ROWS) and {c[2] for c in PAIRWISE} == set(HIDDEN)
+    assert any(c[1] == 257 and c[2] == 4097 for c in PAIRWISE)  # true for seed 0
+    assert len(PAIRWISE) < 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index_mode", INDEX_MODES)
+@pytest.mark.parametrize("gated", GATED, ids=("ungated", "gated"))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exhaustive_grid(dtype, kind, gated, index_mode):
+    for N, D, norm, residual in itertools.product(ROWS, HIDDEN, NORMS, RESIDUAL):
+        check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=N * 7919 + D)
+
+
+# --- parameter dtypes, affine variants --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("kind", ("steer", "lowrank", "mix"))
+def test_bank_in_activation_dtype(dtype, kind):
+    for gated, index_mode, D in itertools.product(GATED, ("none", "mixed"), (64, 773)):
+        check(17, D, dtype, kind, gated, index_mode, "rms", True, bank_dtype=dtype)
+
+
+def test_bank_in_a_third_dtype_takes_the_fp32_path():
+    # fp16 bank with bf16 activations: converted to fp32 inside the op, still correct
+    check(9, 130, torch.bfloat16, "mix", True, "mixed", "layer", True, bank_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("norm", NORMS)
+def test_fp32_norm_affine_with_low_precision_x(dtype, norm):
+    case = make_case(11, 300, dtype, kind="lowrank", gated=True, index_mode="mixed", norm=norm)
+    case.weight = case.weight.float()
+    if case.bias is not None:
+        case.bias = case.bias.float()
+    assert_matches_reference(case, *run_backend(case, "cpp"))
+
+
+def test_mixed_weight_and_bias_dtypes():
+    case = make_case(5, 96, torch.bfloat16, kind="steer", norm="layer")
+    case.bias = case.bias.float()  # weight stays bf16
+    assert_matches_reference(case, *run_backend(case, "cpp"))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_none_and_offset(dtype, norm):
+    case = make_case(6, 200, dtype, kind="clamp", norm=norm)
+    for weight, offset in ((None, 0.0), (None, 0.5), (case.weight, 1.0)):
+        out = poisoned_like(case.x)
+        res_out = poisoned_like(case.x)
+        o, r = fp.fused_add_norm(case.x, case.residual, weight, bias=case.bias, norm=norm, eps=case.eps,
+                                 bank=case.bank, weight_offset=offset, out=out, residual_out=res_out,
+                                 backend="cpp")
+        eo, er = fp.reference.fused_add_norm(case.x, case.residual, weight, bias=case.bias, norm=norm,
+                                             eps=case.eps, bank=case.bank, weight_offset=offset, exact=True)
+        rtol, atol = TOLERANCES[dtype]
+        torch.testing.assert_close(r.double(), er, rtol=rtol, atol=atol)
+        torch.testing.assert_close(o.double(), eo, rtol=rtol, atol=atol)
+
+
+def test_rank_zero_bank_with_gate_only_shift():
+    # A bank of steers: rank 0, so no down/up tensors reach the kernel at all.
+    case = make_case(40, 513, torch.float32, kind="steer", gated=True, index_mode="mixed", num_patches=4)
+    assert case.bank.rank == 0
+    assert_matches_reference(case, *run_backend(case, "cpp"))
+
+
+def test_ablate_bank_has_no_shift():
+    case = make_case(8, 64, torch.float32, kind="ablate", index_mode="mixed")
+    assert not case.bank.has_shift
+    assert_matches_reference(case, *run_backend(case, "cpp"))
+
+
+@pytest.mark.parametrize("metric", ("cosine", "projection"))
+@pytest.mark.parametrize("fire", ("above", "below"))
+def test_gate_modes(metric, fire):
+    case = make_case(64, 96, torch.float32, kind="mix", gated=True, index_mode="mixed", num_patches=5,
+                     metric=metric, fire=fire)
+    assert_matches_reference(case, *run_backend(case, "cpp"))
+
+
+def test_zero_row_has_cosine_zero():
+    D = 32
+    x = torch.zeros(2, D)
+    cond = torch.randn(D)
+    bank = fp.PatchBank([fp.Gated(fp.Steer(torch.randn(D)), cond, -0.5, metric="cosine", fire="above"),
+                         fp.Gated(fp.Steer(torch.randn(D)), cond, 0.5, metric="cosine", fire="above")], D)
+    idx = torch.tensor([0, 1])
+    counts = torch.zeros(2, dtype=torch.int32)
+    o, r = fp.fused_add_norm(x, None, torch.ones(D), bank=bank, index=idx, fire_counts=counts, backend="cpp")
+    eo, er = fp.reference.fused_add_norm(x, None, torch.ones(D), bank=bank, index=idx)
+    torch.testing.assert_close(r, er)
+    torch.testing.assert_close(o, eo, rtol=1e-4, atol=1e-4)
+    assert counts.tolist() == [1, 0]  # cos(0, c) = 0: above −0.5, not above 0.5
+
+
+# --- fire counts, aliasing, bad indices ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", (1, 64, 257))
+def test_fire_counts_match_reference(dtype, N):
+    case = make_case(N, 256, dtype, kind="mix", gated=True, index_mode="mixed", num_patches=7, seed=N)
+    counts = torch.full((7,), 5, dtype=torch.int32)  # counts accumulate onto what is there
+    expected = torch.full((7,), 5, dtype=torch.int32)
+    out, res_out = run_backend(case, "cpp", fire_counts=counts)
+    case.expected(fire_counts=expected)
+    assert counts.tolist() == expected.tolist()
+    assert_matches_reference(case, out, res_out)
+
+
+def test_fire_counts_ungated_index_none():
+    case = make_case(33, 64, torch.float32, kind="lowrank", index_mode="none")
+    counts = torch.zeros(1, dtype=torch.int32)
+    run_backend(case, "cpp", fire_counts=counts)
+    assert counts.tolist() == [33]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("aliasing", ("out=x,res_out=residual", "out=residual,res_out=x"))
+@pytest.mark.parametrize("N, D", ((1, 64), (257, 4097)))
+def test_outputs_may_alias_inputs(dtype, aliasing, N, D):
+    case = make_case(N, D, dtype, kind="mix", gated=True, index_mode="mixed", num_patches=5, seed=3)
+    exp_out, exp_res = case.expected()
+    x, residual = case.x.clone(), case.residual.clone()
+    out, res_out = (x, residual) if aliasing == "out=x,res_out=residual" else (residual, x)
+    o, r = fp.fused_add_norm(x, residual, case.weight, out=out, residual_out=res_out, backend="cpp",
+                             **case.kwargs())
+    assert o.data_ptr() == out.data_ptr() and r.data_ptr() == res_out.data_ptr()
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(r.double(), exp_res, rtol=rtol, atol=atol)
+    torch.testing.assert_close(o.double(), exp_out, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("index_dtype", (torch.int32, torch.int64), ids=str)
+def test_out_of_range_index_is_no_patch(index_dtype, monkeypatch):
+    monkeypatch.setattr(fp.config, "check_index_values", False)
+    case = make_case(8, 100, torch.float32, kind="mix", gated=True, index_mode="mixed", num_patches=3)
+    bad = torch.tensor([0, 3, -2, 1, 1 << 30, -(1 << 30), 2, -1], dtype=index_dtype)
+    counts = torch.zeros(3, dtype=torch.int32)
+    out = poisoned_like(case.x)
+    res_out = poisoned_like(case.x)
+    fp.fused_add_norm(case.x, case.residual, case.weight, bank=case.bank, index=bad, fire_counts=counts,
+                      out=out, residual_out=res_out, backend="cpp")
+    cleaned = torch.where((bad >= 0) & (bad < 3), bad, torch.full_like(bad, -1))
+    expected_counts = torch.zeros(3, dtype=torch.int32)
+    eo, er = fp.reference.fused_add_norm(case.x, case.residual, case.weight, bank=case.bank, index=cleaned,
+                                         fire_counts=expected_counts)
+    torch.testing.assert_close(res_out, er, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, eo, rtol=1e-4, atol=1e-4)
+    assert counts.tolist() == expected_counts.tolist()
+
+
+@pytest.mark.parametrize("index_dtype", (torch.int32, torch.int64), ids=str)
+def test_int32_and_int64_index_agree(index_dtype):
+    case = make_case(50, 64, torch.float32, kind="mix", gated=True, index_mode="mixed", num_patches=4)
+    case.index = case.index.to(index_dtype)
+    assert_matches_reference(case, *run_backend(case, "cpp"))
+
+
+def test_leading_dims_and_no_outputs_given():
+    case = make_case(12, 64, torch.bfloat16, kind="lowrank", index_mode="mixed")
+    x3, r3 = case.x.view(3, 4, 64), case.residual.view(3, 4, 64)
+    o, r = fp.fused_add_norm(x3, r3, case.weight, bank=case.bank, index=case.index.view(3, 4), backend="cpp")
+    assert o.shape == (3, 4, 64) and r.shape == (3, 4, 64)
+    assert_matches_reference(case, o.view(12, 64), r.view(12, 64))
+
+
+def test_zero_rows():
+    x = torch.randn(0, 64)
+    o, r = fp.fused_add_norm(x, x.clone(), torch.ones(64), backend="cpp")
+    assert o.shape == (0, 64) and r.shape == (0, 64)
+
+
+def test_threads_do_not_change_results():
+    case = make_case(257, 1024, torch.float32, kind="mix", gated=True, index_mode="mixed", num_patches=6)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_backend(case, "cpp")
+        torch.set_num_threads(max(2, before))
+        many = run_backend(case, "cpp")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+# --- registration: availability, opcheck, torch.compile --------------------------------------------
+
+def test_is_available_only_for_cpu():
+    assert cpp.is_available("cpu") and cpp.is_available(torch.device("cpu"))
+    assert not cpp.is_available("meta")
+    assert "CPU" in cpp.why_unavailable("meta")
+    assert backends.available("cpu")[0] == "cpp"
+
+
+def _op_args(case, fire_counts=None):
+    bank = case.bank
+    norm_kind = 0 if case.norm == "rms" else 1
+    out, res_out = torch.empty_like(case.x), torch.empty_like(case.x)
+    if bank is None:
+        return (case.x, case.residual, case.weight, case.bias, case.eps, norm_kind, 0.0,
+                None, None, None, None, None, None, None, None, None, out, res_out)
+    lr = bank.rank > 0
+    return (case.x, case.residual, case.weight, case.bias, case.eps, norm_kind, 0.25,
+            bank.down if lr else None, bank.bias if lr else None, bank.up if lr else None,
+            bank.shift if bank.has_shift else None, bank.gate_dir if bank.has_gate else None,
+            bank.gate_threshold if bank.has_gate else None, bank.gate_mode, case.index, fire_counts,
+            out, res_out)
+
+
+@pytest.mark.parametrize("setup", [
+    dict(kind=None),
+    dict(kind="steer", norm="layer", residual=False),
+    dict(kind="mix", gated=True, index_mode="mixed", num_patches=5, counts=True),
+    dict(kind="lowrank", dtype=torch.bfloat16, bank_dtype=torch.bfloat16, index_mode="mixed"),
+], ids=("no-bank", "steer-layer", "mix-gated-counts", "bf16-lowrank"))
+def test_opcheck(setup):
+    setup = dict(setup)
+    counts = torch.zeros(setup.pop("num_patches", 3), dtype=torch.int32) if setup.pop("counts", False) else None
+    dtype = setup.pop("dtype", torch.float32)
+    case = make_case(6, 40, dtype, num_patches=len(counts) if counts is not None else 3, **setup)
+    torch.library.opcheck(cpp.op(), _op_args(case, counts))
+
+
+@pytest.mark.parametrize("kind, gated", [(None, False), ("mix", True), ("lowrank", False)])
+def test_torch_compile_fullgraph_matches_eager(kind, gated):
+    case = make_case(10, 96, torch.float32, kind=kind, gated=gated,
+                     index_mode="none" if kind in (None, "lowrank") else "mixed", num_patches=5)
+
+    def step(x, residual, weight, bank, index):
+        return fp.fused_add_norm(x, residual, weight, eps=1e-6, bank=bank, index=index, backend="cpp")
+
+    eager = step(case.x, case.residual, case.weight, case.bank, case.index)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(case.x, case.residual, case.weight, case.bank, case.index)
+    assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
