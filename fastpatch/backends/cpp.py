@@ -27,6 +27,7 @@ _lock = threading.Lock()
 _built: Optional[bool] = None
 _error: str = ""
 _op = None  # torch.ops.fastpatch_cpp.fused_add_norm.default once built
+_direct = None  # the same kernel as a pybind11 function: ~0.5 µs per call instead of ~4 µs
 
 
 def _simd_flags() -> list[str]:
@@ -46,7 +47,7 @@ def _simd_flags() -> list[str]:
 
 def build(verbose: bool = False) -> None:
     """Compile (or load from torch's extension cache) the kernel and register its fake impl."""
-    global _built, _error, _op
+    global _built, _error, _op, _direct
     with _lock:
         if _built is not None:
             return
@@ -55,11 +56,13 @@ def build(verbose: bool = False) -> None:
 
             if not all(s.exists() for s in _SOURCES):
                 raise FileNotFoundError(f"C++ sources not found under {_CSRC}")
-            load(name="fastpatch_cpu", sources=[str(s) for s in _SOURCES],
-                 extra_cflags=["-O3", "-std=c++17", *_simd_flags()],
-                 extra_include_paths=[str(_CSRC)], is_python_module=False, verbose=verbose)
+            # A Python module too (not just the TORCH_LIBRARY op): see _direct.
+            module = load(name="fastpatch_cpu", sources=[str(s) for s in _SOURCES],
+                          extra_cflags=["-O3", "-std=c++17", *_simd_flags()],
+                          extra_include_paths=[str(_CSRC)], is_python_module=True, verbose=verbose)
             _register_fake()
             _op = torch.ops.fastpatch_cpp.fused_add_norm.default
+            _direct = module.fused_add_norm
             _built = True
         except Exception as exc:  # any build failure just makes the backend unavailable
             _error = f"{type(exc).__name__}: {exc}"
@@ -103,7 +106,11 @@ def op():
 def run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
         out=None, residual_out=None):
     # Hot path (twice per decoder layer per token): no dicts, no host syncs, only outputs allocated.
-    call = _op if _op is not None else op()
+    # Eager calls go straight to the pybind11 binding; torch.compile must see the dispatcher op
+    # (it has the fake impl), and is_compiling() is a constant while tracing.
+    if _op is None:
+        op()
+    call = _op if torch.compiler.is_compiling() else _direct
     if out is None:
         out = torch.empty_like(x2d)
     if residual_out is None:
