@@ -4,10 +4,13 @@ from .ops import config, fused_add_norm
 from .patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LoReFT, LowRank, Patch, Steer
 from .scope import Scope, Scoped
 from . import reference
+from .surgery import Handle, apply, patched
+from . import cast, hooks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Ablate", "CanonicalPatch", "Clamp", "Gate", "Gated", "LoReFT", "LowRank", "Patch", "PatchBank",
     "Scope", "Scoped", "Steer", "as_bank", "config", "fused_add_norm", "reference",
+    "Handle", "apply", "patched", "cast", "hooks",
 ]

@@ -1,0 +1,48 @@
+"""One small spec per architecture family: where the residual adds and the norms after them live.
+
+A spec only names submodules; the fused forwards (``fastpatch/surgery/fused.py``) and the hooks
+(``fastpatch/hooks.py``) are generic over it, so a new llama-like family is a one-line addition.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    model_types: tuple  # config.model_type values
+    style: str  # "pre" (pre-LN decoder) | "post" (post-LN encoder, BERT)
+    norm: str  # "rms" | "layer"
+    weight_offset: float = 0.0  # Gemma's RMSNorm scales by 1 + w
+    layers: str = "layers"  # path from the base model to the ModuleList of blocks
+    final_norm: Optional[str] = "norm"  # path from the base model to the final norm
+    # pre-LN block parts
+    ln1: str = "input_layernorm"
+    attn: str = "self_attn"
+    post_attn_norm: Optional[str] = None  # Gemma2/3: norm on the attention output before the add
+    ln2: str = "post_attention_layernorm"
+    mlp: str = "mlp"
+    post_mlp_norm: Optional[str] = None  # Gemma2/3: norm on the MLP output before the add
+    drop_attn_kwargs: tuple = ()  # block kwargs the attention must not receive
+    # post-LN (BERT) parts, relative to a block
+    mid_output: str = "attention.output"  # module whose forward(h, input_tensor) adds + norms
+    post_output: str = "output"
+    embed_norm: str = "embeddings.LayerNorm"
+    layer_classes: tuple = field(default_factory=tuple)  # informational
+
+
+def get_path(root, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def norm_eps(module) -> float:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    raise TypeError(f"cannot find the epsilon of norm module {type(module).__name__}")

@@ -1,0 +1,390 @@
+"""What the fused forwards and the hooks share: the validated plan, per-step patch indices, select,
+scopes, CAST decisions, swap/pinned and fire counts.
+
+Per forward of the base model (one pre-hook), :meth:`Engine.begin` builds a :class:`Step`: for
+every patched site a slot ``(bank, index, fire_counts, entry)`` or None (nothing to do this step).
+Layers only read ``step.slots[k]``; no validation, no host sync happens per layer.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+from ..bank import PatchBank
+from ..patches import CanonicalPatch, Gate, Patch
+from ..scope import Scope, Scoped
+from .sites import ModelInfo, order, parse_site, site_name
+
+_SKIP = object()
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Entry:
+    """One patched site of a plan."""
+
+    __slots__ = ("key", "names", "bank", "scope", "condition", "fire", "slot", "_canon")
+
+    def __init__(self, key, names, bank, scope, condition, fire, slot):
+        self.key, self.names, self.bank, self.scope = key, names, bank, scope
+        self.condition, self.fire, self.slot = condition, fire, slot
+        self._canon = {}
+
+    @property
+    def num_patches(self) -> int:
+        return self.bank.num_patches
+
+    def canonical(self, dtype, device) -> list:
+        """The bank's canonical patches with tensors already in (dtype, device) (for the hooks)."""
+        key = (dtype, device)
+        cps = self._canon.get(key)
+        if cps is None:
+            def cv(t):
+                return t.to(device=device, dtype=dtype)
+            cps = []
+            for c in self.bank.canonical_patches:
+                gate = None if c.gate is None else Gate(cv(c.gate.condition), c.gate.threshold, c.gate.metric,
+                                                        c.gate.fire)
+                cps.append(CanonicalPatch(cv(c.down), cv(c.bias), cv(c.up), cv(c.shift), gate=gate, kind=c.kind))
+            self._canon[key] = cps
+        return cps
+
+
+class Plan:
+    """A validated, immutable site → patch mapping for one model (swap replaces it as a whole)."""
+
+    def __init__(self, info: ModelInfo, entries: list, mapping: dict):
+        L = info.num_layers
+        self.entries = entries
+        self.mapping = mapping
+        self.by_key = {e.key: e for e in entries}
+        self.pre_slot = self._slot(("pre", 0))
+        self.mid_slot = [self._slot(("mid", i)) for i in range(L)]
+        self.post_slot = [self._slot(("post", i)) for i in range(L)]
+        self.conditions = []
+        for e in entries:
+            if e.condition is not None and all(e.condition is not c for c in self.conditions):
+                self.conditions.append(e.condition)
+        self.cond_keys = {}
+        for c in self.conditions:
+            self.cond_keys.setdefault(parse_site(c.site, L), []).append(c)
+        self.max_patches = max((e.num_patches for e in entries), default=0)
+        self.min_patches = min((e.num_patches for e in entries), default=0)
+        self.needs_select = any(e.num_patches > 1 for e in entries)
+
+    def _slot(self, key) -> int:
+        e = self.by_key.get(key)
+        return -1 if e is None else e.slot
+
+
+def _unwrap(value):
+    """site value → (inner patch/bank, scope, condition)."""
+    from ..cast import Conditional
+
+    condition = None
+    if isinstance(value, Conditional):
+        condition, value = value.condition, value.patch
+    scope = Scope()
+    if isinstance(value, Scoped):
+        scope, value = value.scope, value.patch
+    if isinstance(value, (Scoped, Conditional)):
+        raise TypeError("wrap a patch as Conditional(Scoped(patch, scope), condition), each at most once")
+    return value, scope, condition
+
+
+def build_plan(info: ModelInfo, patches: dict, count_fires: bool) -> Plan:
+    """Validate ``patches`` fully and build a plan; raises before anything is changed."""
+    from ..cast import Condition
+
+    if not isinstance(patches, dict):
+        raise TypeError(f"patches must be a dict of site name -> patch, got {type(patches).__name__}")
+    D = info.hidden_size
+    seen = {}
+    entries = []
+    for name, value in patches.items():
+        key = parse_site(name, info.num_layers)
+        if key in seen:
+            raise ValueError(f"sites {seen[key]!r} and {name!r} are the same point of the residual stream "
+                             f"({site_name(key)}); give only one of them")
+        seen[key] = name
+        if value is None:
+            continue
+        inner, scope, condition = _unwrap(value)
+        if isinstance(inner, PatchBank):
+            bank = inner
+            if bank.hidden_size != D:
+                raise ValueError(f"site {name!r}: PatchBank hidden_size {bank.hidden_size} differs from the "
+                                 f"model's hidden size {D}")
+            if bank.device != info.device:
+                raise ValueError(f"site {name!r}: PatchBank is on {bank.device}, the model on {info.device}; "
+                                 f"move it with bank.to({str(info.device)!r})")
+            if bank.dtype not in (torch.float32, info.dtype):
+                raise TypeError(f"site {name!r}: PatchBank dtype {bank.dtype} must be float32 or the model's "
+                                f"dtype {info.dtype}")
+        else:
+            plist = inner if isinstance(inner, (list, tuple)) else [inner]
+            if not plist:
+                raise ValueError(f"site {name!r}: empty patch list")
+            for p in plist:
+                if not isinstance(p, (Patch, CanonicalPatch)):
+                    raise TypeError(f"site {name!r}: expected a fastpatch patch, PatchBank, Scoped, "
+                                    f"cast.Conditional or None, got {type(p).__name__}")
+                if p.hidden_size != D:
+                    raise ValueError(f"site {name!r}: patch hidden size {p.hidden_size} differs from the "
+                                     f"model's hidden size {D}")
+            bank = PatchBank(list(plist), D, device=info.device, dtype=torch.float32)
+        if condition is not None:
+            if not isinstance(condition, Condition):
+                raise TypeError(f"site {name!r}: condition must be a fastpatch.cast.Condition")
+            if condition.hidden_size != D:
+                raise ValueError(f"site {name!r}: condition vector has size {condition.hidden_size}, the model's "
+                                 f"hidden size is {D}")
+            ckey = parse_site(condition.site, info.num_layers)
+            if order(ckey) >= order(key):
+                raise ValueError(f"site {name!r}: the condition is read at {condition.site!r}, which a forward "
+                                 "does not reach before this site; behaviour sites must come after the "
+                                 "condition site")
+        fire = torch.zeros(bank.num_patches, dtype=torch.int32, device=info.device) if count_fires else None
+        entries.append(Entry(key, [name], bank, scope, condition, fire, len(entries)))
+    return Plan(info, entries, dict(patches))
+
+
+class Step:
+    """Per-forward state (thread-local): slots, the stash of the next layer's normed input, decisions."""
+
+    __slots__ = ("plan", "slots", "stash", "prompt", "real", "B", "S", "base_ids", "decisions", "pending",
+                 "cache", "prev", "res")
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.slots = [None] * len(plan.entries)
+        self.stash = None
+        self.prompt = True
+        self.real = None
+        self.B = self.S = 0
+        self.base_ids = None
+        self.decisions = None
+        self.pending = None
+        self.cache = None
+        self.prev = None
+        self.res = None
+
+
+class Engine:
+    def __init__(self, info: ModelInfo, plan: Plan, count_fires: bool):
+        self.info = info
+        self.count_fires = count_fires
+        self.plan = plan
+        self.ids = None  # (int32 device tensor [B] or [B, T]) or None
+        self._tls = threading.local()
+        self._decode_cache = {}
+        self._decisions = weakref.WeakKeyDictionary()  # cache object -> {Condition: bool [B]}
+        self._default_steps = {}
+
+    # --- per forward -------------------------------------------------------------------------
+    def current(self) -> Step:
+        step = getattr(self._tls, "step", None)
+        if step is None:
+            return self._default_step()
+        return step
+
+    def _default_step(self) -> Step:
+        """For layers called outside a base-model forward: unscoped, unconditioned, unselected only."""
+        plan = getattr(self._tls, "pinned", None) or self.plan
+        step = self._default_steps.get(id(plan))
+        if step is None or step.plan is not plan:
+            step = Step(plan)
+            for e in plan.entries:
+                if e.scope.kind == "all" and e.condition is None and e.num_patches == 1:
+                    step.slots[e.slot] = (e.bank, None, e.fire, e)
+            self._default_steps = {id(plan): step}
+        return step
+
+    def begin(self, B: int, S: int, attention_mask, cache, device) -> Step:
+        plan = getattr(self._tls, "pinned", None) or self.plan
+        if plan.needs_select and self.ids is None:
+            raise RuntimeError("a site holds a PatchBank of several patches: call handle.select(ids) to say "
+                               "which patch each sequence (or token) uses before running the model")
+        if self.ids is not None and self.ids.shape[0] != B:
+            raise ValueError(f"handle.select() was given ids for a batch of {self.ids.shape[0]}, the model is "
+                             f"running a batch of {B}")
+        step = Step(plan)
+        step.prev = getattr(self._tls, "step", None)
+        self._tls.step = step
+        step.B, step.S, step.cache = B, S, cache
+        past = 0
+        if cache is not None:
+            try:
+                past = int(cache.get_seq_length())
+            except Exception:
+                past = 0
+        step.prompt = past == 0
+        if not plan.entries:
+            return step
+        if step.prompt and attention_mask is not None and attention_mask.dim() == 2:
+            step.real = attention_mask[:, -S:].to(torch.bool)
+        stored = None
+        if plan.conditions:
+            step.decisions = {}
+            if not step.prompt and cache is not None:
+                try:
+                    stored = self._decisions.get(cache)
+                except TypeError:
+                    stored = None
+            if stored:
+                step.decisions.update(stored)
+        local = {}
+        for e in plan.entries:
+            skey = (e.scope.kind, e.scope.first, e.scope.last)
+            if skey in local:
+                idx = local[skey]
+            else:
+                idx = local[skey] = self._index(e.scope, step, device)
+            if idx is _SKIP:
+                continue
+            if e.condition is not None:
+                dec = step.decisions.get(e.condition)
+                if dec is None:
+                    if step.pending is None:
+                        step.pending = []
+                    step.pending.append((e, idx))
+                    continue
+                idx = self._gate_index(idx, dec, step, device)
+            step.slots[e.slot] = (e.bank, idx, e.fire, e)
+        return step
+
+    def end(self, output=None) -> None:
+        step = getattr(self._tls, "step", None)
+        if step is None:
+            return
+        self._tls.step = step.prev
+        if step.decisions and step.prompt:
+            cache = step.cache
+            if cache is None and output is not None:
+                cache = getattr(output, "past_key_values", None) or getattr(output, "cache", None)
+            if cache is not None:
+                try:
+                    self._decisions[cache] = dict(step.decisions)
+                except TypeError:
+                    pass
+
+    def _base(self, step: Step, device) -> Optional[torch.Tensor]:
+        """Patch id per row before scoping: None (patch 0 everywhere) or int32 [B, S]."""
+        ids = self.ids
+        if ids is None:
+            return None
+        if ids.dim() == 1:
+            return ids.unsqueeze(1).expand(step.B, step.S)
+        if ids.shape[1] == step.S:
+            return ids
+        return ids[:, -1:].expand(step.B, step.S)
+
+    def _index(self, scope: Scope, step: Step, device):
+        kind = scope.kind
+        if step.prompt:
+            if kind == "generated":
+                return _SKIP
+            m = step.real
+            if kind == "edges":
+                real = m if m is not None else torch.ones(step.B, step.S, dtype=torch.bool, device=device)
+                rank = real.to(torch.int32).cumsum(1) - 1
+                n = real.sum(1, keepdim=True, dtype=torch.int32)
+                m = real & ((rank < scope.first) | (rank >= n - scope.last))
+        else:
+            if kind in ("prompt", "edges"):
+                return _SKIP
+            m = None
+            key = (step.B, step.S)
+            hit = self._decode_cache.get(key)
+            if hit is not None and hit[0] is self.ids:
+                return hit[1]
+        base = self._base(step, device)
+        if m is None and base is None:
+            idx = None
+        elif m is None:
+            idx = base.reshape(-1).contiguous()
+        else:
+            src = base if base is not None else torch.zeros((), dtype=torch.int32, device=device)
+            idx = torch.where(m, src, torch.full((), -1, dtype=torch.int32, device=device)).reshape(-1).contiguous()
+        if not step.prompt:
+            self._decode_cache[(step.B, step.S)] = (self.ids, idx)
+        return idx
+
+    def _gate_index(self, idx, decision, step: Step, device):
+        rows = decision.unsqueeze(1).expand(step.B, step.S).reshape(-1)
+        src = idx if idx is not None else torch.zeros((), dtype=torch.int32, device=device)
+        return torch.where(rows, src, torch.full((), -1, dtype=torch.int32, device=device))
+
+    def decide(self, step: Step, key, h: torch.Tensor) -> None:
+        """At a condition site: decide per sequence (device ops) and fill the waiting slots."""
+        conds = step.plan.cond_keys.get(key)
+        if not conds or step.pending is None:
+            return
+        h3 = h.view(step.B, step.S, h.shape[-1])
+        for c in conds:
+            if c not in step.decisions:
+                step.decisions[c] = c.decide(h3, step.real)
+        waiting, step.pending = step.pending, None
+        for e, idx in waiting:
+            dec = step.decisions.get(e.condition)
+            if dec is None:
+                step.pending = (step.pending or []) + [(e, idx)]
+                continue
+            step.slots[e.slot] = (e.bank, self._gate_index(idx, dec, step, h.device), e.fire, e)
+
+    # --- handle operations -------------------------------------------------------------------
+    def check_ids(self, ids, plan: Plan):
+        if ids is None:
+            return None
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.as_tensor(ids)
+        if ids.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+            raise TypeError(f"select ids must be an integer tensor, got {ids.dtype}")
+        if ids.dim() not in (1, 2) or ids.numel() == 0:
+            raise ValueError(f"select ids must have shape [batch] (a patch id per sequence) or [batch, seq] "
+                             f"(per token), got {tuple(ids.shape)}")
+        if not plan.entries:
+            raise ValueError("select(): no site holds a patch")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= plan.min_patches:
+            raise ValueError(f"select ids must lie in [-1, {plan.min_patches}) (-1 = no patch; the smallest "
+                             f"bank at a patched site has {plan.min_patches} patches), got min {lo}, max {hi}")
+        return ids.to(device=self.info.device, dtype=torch.int32).contiguous()
+
+    @contextmanager
+    def pinned(self):
+        prev = getattr(self._tls, "pinned", None)
+        self._tls.pinned = prev or self.plan
+        try:
+            yield self._tls.pinned
+        finally:
+            self._tls.pinned = prev
+
+
+def kwargs_of(names: tuple, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments mapped to their names (the model may call a module positionally)."""
+    if args:
+        kwargs = dict(kwargs)
+        for n, a in zip(names, args):
+            kwargs[n] = a
+    return kwargs
+
+
+def step_inputs(names: tuple, args: tuple, kwargs: dict):
+    """(B, S, attention_mask, cache, device) from a base model's forward arguments."""
+    kw = kwargs_of(names, args, kwargs) if args else kwargs
+    x = kw.get("input_ids")
+    if x is None:
+        x = kw.get("inputs_embeds")
+    if x is None:
+        raise ValueError("fastpatch: the model was called without input_ids or inputs_embeds")
+    B, S = x.shape[0], x.shape[1]
+    if x.dim() == 1:
+        B, S = 1, x.shape[0]
+    cache = kw.get("cache")
+    if cache is None:
+        cache = kw.get("past_key_values")
+    return B, S, kw.get("attention_mask"), cache, x.device

