@@ -1,0 +1,111 @@
+"""Launch-config choice for the fused add + patch + norm kernels (pure Python, no triton).
+
+Two kernels:
+
+- ``row``: one program per row. With ``SINGLE_PASS`` the whole row lives in registers
+  (D ≤ MAX_SINGLE_PASS_D); otherwise the row is walked in BLOCK_D chunks (several passes, no big
+  register tile, so no spills for any D). The low-rank part is a loop over rank (two dot products
+  of length D per rank), which suits decode: few rows, and the bank rows stay in L2 across rows.
+- ``tile``: BLOCK_M rows per program and ``tl.dot`` for h·downᵀ and z·up (rank padded to R_PAD ≥ 16
+  by masking). Used for prefill-sized N with rank ≥ TILE_MIN_RANK when every row uses the same
+  patch, i.e. index is None, or the bank has one patch (rows then differ only in on/off). A per-row
+  index into a bank of several patches takes the row kernel: rows of one block could need
+  different down/up matrices and a per-patch loop would cost up to P dots per block.
+
+``select`` depends on D and rank only through power-of-two buckets and the thresholds below, so
+``all_configs`` enumerates every config it can return by probing each bucket (see there).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+MAX_SINGLE_PASS_D = 8192   # whole row in registers up to here (16 warps -> 16 fp32 per thread per row)
+CHUNK_D = 4096             # chunk width of the multi-pass row kernel
+TILE_MIN_N = 64            # fewer rows: one program per row keeps more SMs busy
+TILE_MIN_RANK = 8          # lower ranks: the per-rank loop is cheaper than a padded 16-wide dot
+TILE_BLOCK_M = 32
+MIN_R_PAD = 16             # tl.dot needs K, N >= 16
+MAX_ENUMERATED_RANK = 256  # all_configs covers ranks up to here (larger ranks still run)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    kernel: str          # "row" or "tile"
+    BLOCK_D: int
+    num_warps: int
+    SINGLE_PASS: bool = False
+    BLOCK_M: int = 1
+    R_PAD: int = MIN_R_PAD
+
+    def constexprs(self) -> dict:
+        """The config's compile-time kernel parameters."""
+        d = {"BLOCK_D": self.BLOCK_D, "R_PAD": self.R_PAD}
+        if self.kernel == "row":
+            d["SINGLE_PASS"] = self.SINGLE_PASS
+        else:
+            d["BLOCK_M"] = self.BLOCK_M
+        return d
+
+    def label(self) -> str:
+        if self.kernel == "row":
+            mode = "single" if self.SINGLE_PASS else "chunked"
+            return f"row/{mode} BLOCK_D={self.BLOCK_D} R_PAD={self.R_PAD} warps={self.num_warps}"
+        return f"tile BLOCK_M={self.BLOCK_M} BLOCK_D={self.BLOCK_D} R_PAD={self.R_PAD} warps={self.num_warps}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def rank_pad(rank: int) -> int:
+    return max(MIN_R_PAD, next_pow2(rank))
+
+
+def uses_tile_kernel(N: int, rank: int, index_given: bool, num_patches: int) -> bool:
+    same_patch_every_row = (not index_given) or num_patches == 1
+    return N >= TILE_MIN_N and rank >= TILE_MIN_RANK and same_patch_every_row
+
+
+def select(N: int, D: int, rank: int = 0, index_given: bool = False, num_patches: int = 1) -> LaunchConfig:
+    """The launch config for N rows of width D with a bank of this rank (0 = no low-rank part)."""
+    if uses_tile_kernel(N, rank, index_given, num_patches):
+        r_pad = rank_pad(rank)
+        # Keep the [BLOCK_D, R_PAD] down tile and the [BLOCK_M, R_PAD] accumulator small:
+        # a [64, 1024] bf16 tile used 255 registers and spilled.
+        block_d = 128 if r_pad <= 64 else (64 if r_pad <= 128 else 32)
+        return LaunchConfig("tile", BLOCK_D=block_d, num_warps=4, BLOCK_M=TILE_BLOCK_M, R_PAD=r_pad)
+    if D <= MAX_SINGLE_PASS_D:
+        block_d = max(128, next_pow2(D))
+        # ~16 elements per thread per live row vector: enough to hide latency, few registers.
+        warps = min(16, max(1, block_d // 512))
+        return LaunchConfig("row", BLOCK_D=block_d, num_warps=warps, SINGLE_PASS=True)
+    # Chunked: the z vector ([R_PAD] fp32) must hold every rank before the second pass.
+    return LaunchConfig("row", BLOCK_D=CHUNK_D, num_warps=8, SINGLE_PASS=False,
+                         R_PAD=rank_pad(rank) if rank > 0 else MIN_R_PAD)
+
+
+def _probe_points():
+    """(N, D, rank, index_given, num_patches) points that reach every branch and bucket of select.
+
+    select is constant between consecutive powers of two in D and in rank (it uses D and rank only
+    through next_pow2 and comparisons against the power-of-two thresholds above), so probing each
+    power of two and one past it, for both N regimes and both index regimes, reaches all outputs.
+    """
+    Ds = sorted({v for p in range(0, (2 * MAX_SINGLE_PASS_D).bit_length() + 1) for v in (1 << p, (1 << p) + 1)})
+    ranks = sorted({0, 1, TILE_MIN_RANK - 1, TILE_MIN_RANK}
+                   | {v for p in range(0, MAX_ENUMERATED_RANK.bit_length()) for v in (1 << p, (1 << p) + 1)
+                      if v <= MAX_ENUMERATED_RANK})
+    for N in (1, TILE_MIN_N - 1, TILE_MIN_N):
+        for D in Ds:
+            for rank in ranks:
+                for index_given, P in ((False, 1), (True, 1), (True, 4)):
+                    yield N, D, rank, index_given, P
+
+
+def all_configs() -> list[LaunchConfig]:
+    """Every LaunchConfig that select() can return (ranks up to MAX_ENUMERATED_RANK), sorted."""
+    seen = {select(*p) for p in _probe_points()}
+    return sorted(seen, key=lambda c: (c.kernel, c.SINGLE_PASS, c.BLOCK_D, c.R_PAD, c.num_warps))

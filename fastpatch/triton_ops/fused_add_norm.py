@@ -1,0 +1,336 @@
+"""Fused residual add + activation patch + RMSNorm/LayerNorm in Triton.
+
+Semantics are fastpatch.reference's: h = x + residual (fp32), h' = h + g(h)·((h·downᵀ + bias)·up +
+shift) with patch k = index[row] (−1 or out of range: no patch), residual_out = h' rounded to x's
+dtype, out = norm(residual_out)·(weight + weight_offset) (+ bias).
+
+Every optional part is a constexpr flag, so an unpatched call compiles to a plain fused add + norm.
+Launch configs come from :mod:`fastpatch.triton_ops.dispatch`. Outputs may alias x or residual:
+each program reads a row (or chunk) in full before it writes that row (or chunk) back, and the
+multi-pass variants only re-read what they wrote themselves (residual_out), after a barrier.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import dispatch
+
+GATE_NONE, GATE_COS_ABOVE, GATE_COS_BELOW, GATE_PROJ_ABOVE, GATE_PROJ_BELOW = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _load_h(x_ptr, res_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
+    h = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _gate_fires(proj, sumsq, mode, threshold):
+    """Gate decision from h·ĉ and ‖h‖²: works on scalars (one row) and on vectors (a row block)."""
+    norm = tl.sqrt(sumsq)
+    cosine = tl.where(norm > 0, proj / tl.where(norm > 0, norm, 1.0), 0.0)
+    is_cosine = (mode == 1) | (mode == 2)
+    metric = tl.where(is_cosine, cosine, proj)
+    above = (mode == 1) | (mode == 3)
+    fires = tl.where(above, metric > threshold, metric < threshold)
+    return (mode == 0) | fires
+
+
+@triton.jit
+def _norm_scale(w_ptr, cols, mask, weight_offset, HAS_WEIGHT: tl.constexpr):
+    if HAS_WEIGHT:
+        return tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
+    else:
+        return tl.zeros_like(cols.to(tl.float32)) + (1.0 + weight_offset)
+
+
+@triton.jit
+def fused_add_norm_row_kernel(
+    x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
+    down_ptr, down_bias_ptr, up_ptr, shift_ptr, gate_dir_ptr, gate_thr_ptr, gate_mode_ptr,
+    index_ptr, fire_ptr,
+    D, rank, num_patches, eps, weight_offset,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_LAYER: tl.constexpr,
+    HAS_PATCH: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_GATE: tl.constexpr, COUNT_FIRES: tl.constexpr,
+    SINGLE_PASS: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_start = row * D
+    out_dtype = res_out_ptr.dtype.element_ty
+
+    if HAS_PATCH:
+        if HAS_INDEX:
+            k = tl.load(index_ptr + row)
+            valid = (k >= 0) & (k < num_patches)  # compared in the index's own dtype: no wraparound
+            k = tl.where(valid, k, 0).to(tl.int64)
+        else:
+            k = row * 0
+            valid = k == 0
+        if HAS_GATE:
+            mode = tl.load(gate_mode_ptr + k)
+            threshold = tl.load(gate_thr_ptr + k)
+
+    if SINGLE_PASS:
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        h = _load_h(x_ptr, res_ptr, row_start + cols, mask, HAS_RESIDUAL)
+        if HAS_PATCH:
+            fires = valid
+            if HAS_GATE:
+                c = tl.load(gate_dir_ptr + k * D + cols, mask=mask, other=0.0).to(tl.float32)
+                fires = fires & _gate_fires(tl.sum(h * c, 0), tl.sum(h * h, 0), mode, threshold)
+            if COUNT_FIRES:
+                tl.atomic_add(fire_ptr + k, 1, mask=fires)
+            delta = tl.zeros([BLOCK_D], dtype=tl.float32)
+            if HAS_LOWRANK:
+                for r in range(rank):
+                    base = (k * rank + r) * D
+                    d_r = tl.load(down_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+                    z_r = tl.sum(h * d_r, 0) + tl.load(down_bias_ptr + k * rank + r).to(tl.float32)
+                    u_r = tl.load(up_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+                    delta += z_r * u_r
+            if HAS_SHIFT:
+                delta += tl.load(shift_ptr + k * D + cols, mask=mask, other=0.0).to(tl.float32)
+            h = tl.where(fires, h + delta, h)
+        rounded = h.to(out_dtype)
+        tl.store(res_out_ptr + row_start + cols, rounded, mask=mask)
+        y = rounded.to(tl.float32)  # the norm reads the stored (rounded) residual, as the reference does
+        if IS_LAYER:
+            mean = tl.sum(y, 0) / D
+            y = tl.where(mask, y - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(y * y, 0) / D + eps)
+        o = y * rstd * _norm_scale(w_ptr, cols, mask, weight_offset, HAS_WEIGHT)
+        if HAS_BIAS:
+            o += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row_start + cols, o.to(out_dtype), mask=mask)
+    else:
+        # Multi-pass over BLOCK_D chunks. Pass 1: gate statistics and z = h·downᵀ over the whole row.
+        offs_r = tl.arange(0, R_PAD)
+        if HAS_PATCH:
+            fires = valid
+            if HAS_GATE or HAS_LOWRANK:
+                proj_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+                sumsq_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+                z = tl.zeros([R_PAD], dtype=tl.float32)
+                for start in range(0, D, BLOCK_D):
+                    cols = start + tl.arange(0, BLOCK_D)
+                    mask = cols < D
+                    h = _load_h(x_ptr, res_ptr, row_start + cols, mask, HAS_RESIDUAL)
+                    if HAS_GATE:
+                        c = tl.load(gate_dir_ptr + k * D + cols, mask=mask, other=0.0).to(tl.float32)
+                        proj_acc += h * c
+                        sumsq_acc += h * h
+                    if HAS_LOWRANK:
+                        for r in range(rank):
+                            d_r = tl.load(down_ptr + (k * rank + r) * D + cols, mask=mask, other=0.0)
+                            z = tl.where(offs_r == r, z + tl.sum(h * d_r.to(tl.float32), 0), z)
+                if HAS_GATE:
+                    fires = fires & _gate_fires(tl.sum(proj_acc, 0), tl.sum(sumsq_acc, 0), mode, threshold)
+                if HAS_LOWRANK:
+                    z += tl.load(down_bias_ptr + k * rank + offs_r, mask=offs_r < rank, other=0.0).to(tl.float32)
+            if COUNT_FIRES:
+                tl.atomic_add(fire_ptr + k, 1, mask=fires)
+        # Pass 2: apply the patch, store residual_out, accumulate the norm's sums.
+        sum_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        sumsq_y = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            mask = cols < D
+            h = _load_h(x_ptr, res_ptr, row_start + cols, mask, HAS_RESIDUAL)
+            if HAS_PATCH:
+                delta = tl.zeros([BLOCK_D], dtype=tl.float32)
+                if HAS_LOWRANK:
+                    for r in range(rank):
+                        z_r = tl.sum(tl.where(offs_r == r, z, 0.0), 0)
+                        u_r = tl.load(up_ptr + (k * rank + r) * D + cols, mask=mask, other=0.0)
+                        delta += z_r * u_r.to(tl.float32)
+                if HAS_SHIFT:
+                    delta += tl.load(shift_ptr + k * D + cols, mask=mask, other=0.0).to(tl.float32)
+                h = tl.where(fires, h + delta, h)
+            rounded = h.to(out_dtype)
+            tl.store(res_out_ptr + row_start + cols, rounded, mask=mask)
+            y = rounded.to(tl.float32)
+            sum_acc += y
+            sumsq_y += y * y
+        tl.debug_barrier()  # residual_out chunks written by other threads are re-read below
+        mean = tl.sum(sum_acc, 0) / D
+        if IS_LAYER:
+            # Second pass for the variance about the mean: E[y²] − mean² cancels badly.
+            var_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for start in range(0, D, BLOCK_D):
+                cols = start + tl.arange(0, BLOCK_D)
+                mask = cols < D
+                y = tl.load(res_out_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
+                y = tl.where(mask, y - mean, 0.0)
+                var_acc += y * y
+            rstd = tl.rsqrt(tl.sum(var_acc, 0) / D + eps)
+        else:
+            rstd = tl.rsqrt(tl.sum(sumsq_y, 0) / D + eps)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            mask = cols < D
+            y = tl.load(res_out_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
+            if IS_LAYER:
+                y = y - mean
+            o = y * rstd * _norm_scale(w_ptr, cols, mask, weight_offset, HAS_WEIGHT)
+            if HAS_BIAS:
+                o += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row_start + cols, o.to(out_dtype), mask=mask)
+
+
+@triton.jit
+def fused_add_norm_tile_kernel(
+    x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
+    down_ptr, down_bias_ptr, up_ptr, shift_ptr, gate_dir_ptr, gate_thr_ptr, gate_mode_ptr,
+    index_ptr, fire_ptr,
+    N, D, rank, eps, weight_offset,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_LAYER: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_GATE: tl.constexpr, COUNT_FIRES: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """BLOCK_M rows that all use bank patch 0 (index None, or a one-patch bank): rows differ only in
+    whether the patch fires. Low-rank part by tl.dot; rank padded to R_PAD by masking.
+
+    DOT_FP32: dot in fp32 with IEEE precision (fp32 banks, where TF32 would miss the fp32
+    tolerance, and the interpreter, whose bf16 tl.dot is wrong); otherwise the bank's 16-bit dtype.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    out_dtype = res_out_ptr.dtype.element_ty
+    dot_dtype = tl.float32 if DOT_FP32 else down_ptr.dtype.element_ty
+    if HAS_INDEX:
+        k = tl.load(index_ptr + rows, mask=row_mask, other=-1)
+        fires = row_mask & (k == 0)
+    else:
+        fires = row_mask
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < rank
+
+    # Pass 1: z = h·downᵀ and the gate statistics, chunk by chunk.
+    z = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    proj = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        h = _load_h(x_ptr, res_ptr, rows[:, None] * D + cols[None, :], mask, HAS_RESIDUAL)
+        if HAS_GATE:
+            c = tl.load(gate_dir_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            proj += tl.sum(h * c[None, :], 1)
+            sumsq += tl.sum(h * h, 1)
+        down_t = tl.load(down_ptr + offs_r[None, :] * D + cols[:, None],
+                         mask=col_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_D, R_PAD]
+        if DOT_FP32:
+            z += tl.dot(h, down_t.to(tl.float32), input_precision="ieee")
+        else:
+            z = tl.dot(h.to(dot_dtype), down_t, z)
+    z += tl.load(down_bias_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_GATE:
+        fires = fires & _gate_fires(proj, sumsq, tl.load(gate_mode_ptr), tl.load(gate_thr_ptr))
+    if COUNT_FIRES:
+        tl.atomic_add(fire_ptr, tl.sum(fires.to(tl.int32), 0))  # one atomic per block
+    z = z.to(dot_dtype)
+
+    # Pass 2: h' = h + g·(z·up + shift); store residual_out; accumulate the norm's sums.
+    sum_y = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sumsq_y = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        offsets = rows[:, None] * D + cols[None, :]
+        h = _load_h(x_ptr, res_ptr, offsets, mask, HAS_RESIDUAL)
+        up = tl.load(up_ptr + offs_r[:, None] * D + cols[None, :],
+                     mask=r_mask[:, None] & col_mask[None, :], other=0.0)  # [R_PAD, BLOCK_D]
+        if DOT_FP32:
+            delta = tl.dot(z, up.to(tl.float32), input_precision="ieee")
+        else:
+            delta = tl.dot(z, up)
+        if HAS_SHIFT:
+            delta += tl.load(shift_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        h = tl.where(fires[:, None], h + delta, h)
+        rounded = h.to(out_dtype)
+        tl.store(res_out_ptr + offsets, rounded, mask=mask)
+        y = rounded.to(tl.float32)
+        sum_y += tl.sum(y, 1)
+        sumsq_y += tl.sum(y * y, 1)
+    tl.debug_barrier()  # residual_out written above by other threads is re-read below
+    mean = sum_y / D
+    if IS_LAYER:
+        var = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (cols < D)[None, :]
+            y = tl.load(res_out_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = tl.where(mask, y - mean[:, None], 0.0)
+            var += tl.sum(y * y, 1)
+        rstd = tl.rsqrt(var / D + eps)
+    else:
+        rstd = tl.rsqrt(sumsq_y / D + eps)
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        offsets = rows[:, None] * D + cols[None, :]
+        y = tl.load(res_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if IS_LAYER:
+            y = y - mean[:, None]
+        o = y * rstd[:, None] * _norm_scale(w_ptr, cols, col_mask, weight_offset, HAS_WEIGHT)[None, :]
+        if HAS_BIAS:
+            o += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offsets, o.to(out_dtype), mask=mask)
+
+
+KERNELS = {"row": fused_add_norm_row_kernel, "tile": fused_add_norm_tile_kernel}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch(x, residual, weight, bias, eps, norm_kind, weight_offset,
+           down, down_bias, up, shift, gate_dir, gate_threshold, gate_mode, index, fire_counts,
+           out, residual_out, num_patches: int = 1, config: dispatch.LaunchConfig | None = None) -> None:
+    """Launch into preallocated ``out`` / ``residual_out`` ([N, D], x's dtype).
+
+    Bank parts that no patch uses are passed as None and compiled out (down/bias/up together,
+    shift, gate_dir/threshold/mode together). No host sync, no allocation.
+    """
+    N, D = x.shape
+    if N == 0:
+        return
+    has_patch = gate_mode is not None
+    rank = down.shape[1] if (has_patch and down is not None) else 0
+    if config is None:
+        config = dispatch.select(N, D, rank, index is not None, num_patches)
+    dummy = x  # never dereferenced: its flag is off
+    args = [x, residual if residual is not None else dummy, weight if weight is not None else dummy,
+            bias if bias is not None else dummy, out, residual_out,
+            down if rank else dummy, down_bias if rank else dummy, up if rank else dummy,
+            shift if shift is not None else dummy, gate_dir if gate_dir is not None else dummy,
+            gate_threshold if gate_threshold is not None else dummy,
+            gate_mode if gate_mode is not None else dummy, index if index is not None else dummy,
+            fire_counts if fire_counts is not None else dummy]
+    common = dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                  IS_LAYER=norm_kind == 1, HAS_INDEX=index is not None, HAS_SHIFT=shift is not None,
+                  HAS_GATE=gate_dir is not None, COUNT_FIRES=fire_counts is not None and has_patch,
+                  num_warps=config.num_warps)
+    if config.kernel == "tile":
+        if not rank:
+            raise ValueError("the tile kernel needs a low-rank part")
+        dot_fp32 = down.dtype == torch.float32 or interpreting()
+        fused_add_norm_tile_kernel[(triton.cdiv(N, config.BLOCK_M),)](
+            *args, N, D, rank, eps, weight_offset, DOT_FP32=dot_fp32, **common, **config.constexprs())
+    else:
+        fused_add_norm_row_kernel[(N,)](
+            *args, D, rank, num_patches, eps, weight_offset, HAS_PATCH=has_patch, HAS_LOWRANK=rank > 0,
+            **common, **config.constexprs())
