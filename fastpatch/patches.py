@@ -197,6 +197,50 @@ class Steer(Patch):
             )
         return self._canon
 
+    # Steering arithmetic: δ = scale·v is linear in v, so sums, multiples and negations of
+    # steering patches are steering patches again. Other kinds combine with fastpatch.compose.
+    def _effective(self) -> torch.Tensor:
+        return self.v.to(torch.float64) * self.scale
+
+    def _check_other(self, other: Any, op: str) -> "Steer":
+        if isinstance(other, Steer):
+            if other.v.shape != self.v.shape:
+                raise ValueError(f"Steer {op}: vector sizes differ ({self.v.shape[0]} vs {other.v.shape[0]})")
+            return other
+        if isinstance(other, (Patch, CanonicalPatch)):
+            raise TypeError(f"Steer {op} {type(other).__name__}: only steering patches add up; "
+                            "use fastpatch.compose(p1, p2) to chain other kinds")
+        return NotImplemented
+
+    def __add__(self, other: Any) -> "Steer":
+        other = self._check_other(other, "+")
+        if other is NotImplemented:
+            return other
+        if self.v is other.v or (self.v.dtype == other.v.dtype and bool(torch.equal(self.v, other.v))):
+            return Steer(self.v, self.scale + other.scale)  # same direction: keep it, add the scales
+        return Steer(self._effective() + other._effective(), 1.0)
+
+    def __sub__(self, other: Any) -> "Steer":
+        other = self._check_other(other, "-")
+        if other is NotImplemented:
+            return other
+        return self + (-other)
+
+    def __neg__(self) -> "Steer":
+        return Steer(self.v, -self.scale)
+
+    def __mul__(self, factor: Any) -> "Steer":
+        if isinstance(factor, torch.Tensor) and factor.numel() == 1:
+            factor = float(factor)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            return NotImplemented
+        return Steer(self.v, self.scale * float(factor))
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return f"Steer(hidden_size={self.v.shape[0]}, scale={self.scale})"
+
 
 class Ablate(Patch):
     """Remove the component along u: δ = −(h·û)û."""
