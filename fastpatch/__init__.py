@@ -10,6 +10,8 @@ from .algebra import compose
 from .fingerprint import fingerprint
 from .io import ModelMismatchError, PatchFileError, load, save
 from .gguf_io import export_gguf, import_gguf
+from . import evaluate, fit
+from .registry import Registry
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,5 @@ __all__ = [
     "Scope", "Scoped", "Steer", "as_bank", "config", "fused_add_norm", "reference",
     "Handle", "apply", "patched", "cast", "hooks",
     "compose", "fingerprint", "save", "load", "PatchFileError", "ModelMismatchError", "export_gguf", "import_gguf",
+    "evaluate", "fit", "Registry",
 ]
