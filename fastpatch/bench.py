@@ -136,6 +136,13 @@ def _new_cache(model):
         return DynamicCache()
 
 
+def _cache_kwarg(model) -> str:
+    """transformers renamed the KV-cache argument `past_key_values` -> `cache` (5.2x)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
@@ -165,17 +172,18 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 dt, _ = _timed(lambda: models[n](input_ids=prompt, attention_mask=mask), device)
                 prefill[n].append(dt)
                 bar.update(1)
+        kw = _cache_kwarg(base)
         caches, nxt, masks = {}, {}, {}
         for n in names:
             caches[n] = _new_cache(models[n])
-            out = models[n](input_ids=prompt, attention_mask=mask, past_key_values=caches[n], use_cache=True)
+            out = models[n](input_ids=prompt, attention_mask=mask, use_cache=True, **{kw: caches[n]})
             nxt[n] = out.logits[:, -1:].argmax(-1)
             masks[n] = mask
         for _ in range(cfg.new_tokens):
             for n in names:
                 masks[n] = torch.cat([masks[n], torch.ones_like(nxt[n])], dim=1)
-                dt, out = _timed(lambda: models[n](input_ids=nxt[n], attention_mask=masks[n],
-                                                   past_key_values=caches[n], use_cache=True), device)
+                dt, out = _timed(lambda: models[n](input_ids=nxt[n], attention_mask=masks[n], use_cache=True,
+                                                   **{kw: caches[n]}), device)
                 decode[n].append(dt)
                 nxt[n] = out.logits[:, -1:].argmax(-1)
                 bar.update(1)
