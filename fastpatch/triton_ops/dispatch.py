@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-MAX_SINGLE_PASS_D = 8192   # whole row in registers up to here (16 warps -> 16 fp32 per thread per row)
-CHUNK_D = 4096             # chunk width of the multi-pass row kernel
+MAX_SINGLE_PASS_D = 4096   # whole row in registers up to here; 8192 needed 16 warps (128-register cap) and spilled
+CHUNK_D = 2048             # chunk width of the multi-pass row kernel (4096 spilled with every part on)
 TILE_MIN_N = 64            # fewer rows: one program per row keeps more SMs busy
 TILE_MIN_RANK = 8          # lower ranks: the per-rank loop is cheaper than a padded 16-wide dot
+TILE_MAX_RANK = 128        # R_PAD 256 tiles reach the 255-register cap: such ranks take the row kernel
 TILE_BLOCK_M = 32
 MIN_R_PAD = 16             # tl.dot needs K, N >= 16
 MAX_ENUMERATED_RANK = 256  # all_configs covers ranks up to here (larger ranks still run)
@@ -66,21 +67,23 @@ def rank_pad(rank: int) -> int:
 
 def uses_tile_kernel(N: int, rank: int, index_given: bool, num_patches: int) -> bool:
     same_patch_every_row = (not index_given) or num_patches == 1
-    return N >= TILE_MIN_N and rank >= TILE_MIN_RANK and same_patch_every_row
+    return N >= TILE_MIN_N and TILE_MIN_RANK <= rank <= TILE_MAX_RANK and same_patch_every_row
 
 
 def select(N: int, D: int, rank: int = 0, index_given: bool = False, num_patches: int = 1) -> LaunchConfig:
     """The launch config for N rows of width D with a bank of this rank (0 = no low-rank part)."""
     if uses_tile_kernel(N, rank, index_given, num_patches):
         r_pad = rank_pad(rank)
-        # Keep the [BLOCK_D, R_PAD] down tile and the [BLOCK_M, R_PAD] accumulator small:
-        # a [64, 1024] bf16 tile used 255 registers and spilled.
-        block_d = 128 if r_pad <= 64 else (64 if r_pad <= 128 else 32)
-        return LaunchConfig("tile", BLOCK_D=block_d, num_warps=4, BLOCK_M=TILE_BLOCK_M, R_PAD=r_pad)
+        # Small tiles and 8 warps: with 4 warps a [32, 128] tile already spilled at rank 16 on sm_90
+        # (scripts/triton_aot_report.py); wider ranks get narrower D chunks.
+        block_d = 64 if r_pad <= 64 else 32
+        return LaunchConfig("tile", BLOCK_D=block_d, num_warps=8, BLOCK_M=TILE_BLOCK_M, R_PAD=r_pad)
     if D <= MAX_SINGLE_PASS_D:
         block_d = max(128, next_pow2(D))
         # ~16 elements per thread per live row vector: enough to hide latency, few registers.
         warps = min(16, max(1, block_d // 512))
+        if block_d == MAX_SINGLE_PASS_D:
+            warps = 16  # 8 warps spilled (sm_80, every part on); 16 keep 8 values per thread per row
         return LaunchConfig("row", BLOCK_D=block_d, num_warps=warps, SINGLE_PASS=True)
     # Chunked: the z vector ([R_PAD] fp32) must hold every rank before the second pass.
     return LaunchConfig("row", BLOCK_D=CHUNK_D, num_warps=8, SINGLE_PASS=False,
@@ -95,7 +98,7 @@ def _probe_points():
     power of two and one past it, for both N regimes and both index regimes, reaches all outputs.
     """
     Ds = sorted({v for p in range(0, (2 * MAX_SINGLE_PASS_D).bit_length() + 1) for v in (1 << p, (1 << p) + 1)})
-    ranks = sorted({0, 1, TILE_MIN_RANK - 1, TILE_MIN_RANK}
+    ranks = sorted({0, 1, TILE_MIN_RANK - 1, TILE_MIN_RANK, TILE_MAX_RANK, TILE_MAX_RANK + 1}
                    | {v for p in range(0, MAX_ENUMERATED_RANK.bit_length()) for v in (1 << p, (1 << p) + 1)
                       if v <= MAX_ENUMERATED_RANK})
     for N in (1, TILE_MIN_N - 1, TILE_MIN_N):

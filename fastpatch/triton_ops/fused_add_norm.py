@@ -116,8 +116,9 @@ def fused_add_norm_row_kernel(
         if HAS_PATCH:
             fires = valid
             if HAS_GATE or HAS_LOWRANK:
-                proj_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-                sumsq_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+                # Scalar accumulators (one reduction per chunk): [BLOCK_D] ones cost registers.
+                proj = 0.0
+                sumsq = 0.0
                 z = tl.zeros([R_PAD], dtype=tl.float32)
                 for start in range(0, D, BLOCK_D):
                     cols = start + tl.arange(0, BLOCK_D)
@@ -125,21 +126,21 @@ def fused_add_norm_row_kernel(
                     h = _load_h(x_ptr, res_ptr, row_start + cols, mask, HAS_RESIDUAL)
                     if HAS_GATE:
                         c = tl.load(gate_dir_ptr + k * D + cols, mask=mask, other=0.0).to(tl.float32)
-                        proj_acc += h * c
-                        sumsq_acc += h * h
+                        proj += tl.sum(h * c, 0)
+                        sumsq += tl.sum(h * h, 0)
                     if HAS_LOWRANK:
                         for r in range(rank):
                             d_r = tl.load(down_ptr + (k * rank + r) * D + cols, mask=mask, other=0.0)
                             z = tl.where(offs_r == r, z + tl.sum(h * d_r.to(tl.float32), 0), z)
                 if HAS_GATE:
-                    fires = fires & _gate_fires(tl.sum(proj_acc, 0), tl.sum(sumsq_acc, 0), mode, threshold)
+                    fires = fires & _gate_fires(proj, sumsq, mode, threshold)
                 if HAS_LOWRANK:
                     z += tl.load(down_bias_ptr + k * rank + offs_r, mask=offs_r < rank, other=0.0).to(tl.float32)
             if COUNT_FIRES:
                 tl.atomic_add(fire_ptr + k, 1, mask=fires)
         # Pass 2: apply the patch, store residual_out, accumulate the norm's sums.
-        sum_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        sumsq_y = tl.zeros([BLOCK_D], dtype=tl.float32)
+        sum_y = 0.0
+        sumsq_y = 0.0
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             mask = cols < D
@@ -157,22 +158,22 @@ def fused_add_norm_row_kernel(
             rounded = h.to(out_dtype)
             tl.store(res_out_ptr + row_start + cols, rounded, mask=mask)
             y = rounded.to(tl.float32)
-            sum_acc += y
-            sumsq_y += y * y
+            sum_y += tl.sum(y, 0)
+            sumsq_y += tl.sum(y * y, 0)
         tl.debug_barrier()  # residual_out chunks written by other threads are re-read below
-        mean = tl.sum(sum_acc, 0) / D
+        mean = sum_y / D
         if IS_LAYER:
             # Second pass for the variance about the mean: E[y²] − mean² cancels badly.
-            var_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            var = 0.0
             for start in range(0, D, BLOCK_D):
                 cols = start + tl.arange(0, BLOCK_D)
                 mask = cols < D
                 y = tl.load(res_out_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
                 y = tl.where(mask, y - mean, 0.0)
-                var_acc += y * y
-            rstd = tl.rsqrt(tl.sum(var_acc, 0) / D + eps)
+                var += tl.sum(y * y, 0)
+            rstd = tl.rsqrt(var / D + eps)
         else:
-            rstd = tl.rsqrt(tl.sum(sumsq_y, 0) / D + eps)
+            rstd = tl.rsqrt(sumsq_y / D + eps)
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             mask = cols < D
@@ -202,12 +203,20 @@ def fused_add_norm_tile_kernel(
     tolerance, and the interpreter, whose bf16 tl.dot is wrong); otherwise the bank's 16-bit dtype.
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_rows = tl.arange(0, BLOCK_M)
+    rows = pid * BLOCK_M + local_rows
     row_mask = rows < N
+    # Move the row pointers to this block once (64-bit scalar math), so the per-element offsets
+    # are 32-bit: [BLOCK_M, BLOCK_D] tiles of 64-bit offsets cost two registers per element.
+    block_start = pid.to(tl.int64) * BLOCK_M * D
+    x_ptr += block_start
+    res_ptr += block_start
+    out_ptr += block_start
+    res_out_ptr += block_start
     out_dtype = res_out_ptr.dtype.element_ty
     dot_dtype = tl.float32 if DOT_FP32 else down_ptr.dtype.element_ty
     if HAS_INDEX:
-        k = tl.load(index_ptr + rows, mask=row_mask, other=-1)
+        k = tl.load(index_ptr + rows, mask=row_mask, other=-1)  # rows: int32, N < 2**31
         fires = row_mask & (k == 0)
     else:
         fires = row_mask
@@ -222,7 +231,7 @@ def fused_add_norm_tile_kernel(
         cols = start + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         mask = row_mask[:, None] & col_mask[None, :]
-        h = _load_h(x_ptr, res_ptr, rows[:, None] * D + cols[None, :], mask, HAS_RESIDUAL)
+        h = _load_h(x_ptr, res_ptr, local_rows[:, None] * D + cols[None, :], mask, HAS_RESIDUAL)
         if HAS_GATE:
             c = tl.load(gate_dir_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             proj += tl.sum(h * c[None, :], 1)
@@ -247,7 +256,7 @@ def fused_add_norm_tile_kernel(
         cols = start + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         mask = row_mask[:, None] & col_mask[None, :]
-        offsets = rows[:, None] * D + cols[None, :]
+        offsets = local_rows[:, None] * D + cols[None, :]
         h = _load_h(x_ptr, res_ptr, offsets, mask, HAS_RESIDUAL)
         up = tl.load(up_ptr + offs_r[:, None] * D + cols[None, :],
                      mask=r_mask[:, None] & col_mask[None, :], other=0.0)  # [R_PAD, BLOCK_D]
@@ -270,7 +279,7 @@ def fused_add_norm_tile_kernel(
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (cols < D)[None, :]
-            y = tl.load(res_out_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(res_out_ptr + local_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             y = tl.where(mask, y - mean[:, None], 0.0)
             var += tl.sum(y * y, 1)
         rstd = tl.rsqrt(var / D + eps)
@@ -280,7 +289,7 @@ def fused_add_norm_tile_kernel(
         cols = start + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         mask = row_mask[:, None] & col_mask[None, :]
-        offsets = rows[:, None] * D + cols[None, :]
+        offsets = local_rows[:, None] * D + cols[None, :]
         y = tl.load(res_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if IS_LAYER:
             y = y - mean[:, None]
