@@ -24,6 +24,16 @@
 #include "launch_plan.h"
 #include "params.h"
 
+#if defined(FASTPATCH_CUDA_EMULATE)
+// Host build for tests: CUDA threads as fibers (emulation.h), shared memory as block-wide statics.
+#include "emulation.h"
+#define FP_SHARED static
+#define FP_DYNAMIC_SMEM(name) float* name = ::fastpatch_emu::dynamic_smem()
+#else
+#define FP_SHARED __shared__
+#define FP_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#endif
+
 namespace fastpatch {
 namespace cuda {
 
@@ -126,8 +136,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1)
   constexpr int kCache = CacheVecs<kLayout, kVec>::value;
   constexpr int kSlots = kCache > 0 ? kCache : 1;
   static_assert(kVec * sizeof(T) <= 16 || kVec == 1, "one 16-byte access of T per vector");
-  __shared__ float red[kBlock ? (kMaxBlockThreads / kWarpSize) * kRankChunk : 1];
-  extern __shared__ float z_smem[];  // [rows_per_block][rank]: low-rank coefficients per row
+  FP_SHARED float red[kBlock ? (kMaxBlockThreads / kWarpSize) * kRankChunk : 1];
+  FP_DYNAMIC_SMEM(z_smem);  // [rows_per_block][rank]: low-rank coefficients per row
 
   const int D = p.hidden;
   const int nvec = D / kVec;
@@ -394,21 +404,26 @@ KernelFn pick_layout(int layout) {
   }
 }
 
+// The instantiation a plan runs (the host emulator launches the same one).
+template <typename T>
+KernelFn select_kernel(const LaunchPlan& plan, bool patched) {
+  constexpr int kFullVec = 16 / sizeof(T);
+  if (plan.vec == kFullVec) {
+    return patched ? pick_layout<T, kFullVec, true>(plan.layout) : pick_layout<T, kFullVec, false>(plan.layout);
+  }
+  return patched ? pick_layout<T, 1, true>(plan.layout) : pick_layout<T, 1, false>(plan.layout);
+}
+
+#if !defined(FASTPATCH_CUDA_EMULATE)
 // Launch only: no allocation, no host synchronisation (safe inside CUDA-graph capture).
 template <typename T>
 cudaError_t launch_typed(const FusedAddNormParams& p, const LaunchPlan& plan, cudaStream_t stream) {
-  constexpr int kFullVec = 16 / sizeof(T);
-  const bool patched = p.num_patches > 0;
-  KernelFn fn;
-  if (plan.vec == kFullVec) {
-    fn = patched ? pick_layout<T, kFullVec, true>(plan.layout) : pick_layout<T, kFullVec, false>(plan.layout);
-  } else {
-    fn = patched ? pick_layout<T, 1, true>(plan.layout) : pick_layout<T, 1, false>(plan.layout);
-  }
+  const KernelFn fn = select_kernel<T>(plan, p.num_patches > 0);
   fn<<<dim3(static_cast<unsigned>(plan.blocks)), dim3(plan.threads), static_cast<size_t>(plan.smem_bytes),
        stream>>>(p);
   return cudaGetLastError();
 }
+#endif
 
 }  // namespace cuda
 }  // namespace fastpatch
