@@ -1,0 +1,282 @@
+"""The triton backend against the float64 reference.
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when
+there is no CUDA), ~2-6 ms per program, so the default grid is sampled: every kind, dtype, gate,
+index mode, norm and residual choice appears, and every kernel path (row single-pass, row
+chunked, tl.dot tile) is forced explicitly. The full product is ``-m slow``. Tests with the
+``cuda`` device param are marked ``gpu`` and run the same grid on a GPU
+(benchmarks/gpu_check.py runs ``pytest -m "gpu or not slow"``).
+"""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+import fastpatch as fp
+from fastpatch import backends
+from casegen import DTYPES, KINDS, TOLERANCES, assert_matches_reference, make_case, run_backend
+
+triton_backend = pytest.importorskip("fastpatch.backends.triton_backend")
+from fastpatch.triton_ops import dispatch  # noqa: E402
+
+ALL_KINDS = KINDS + ("mix",)
+gpu = pytest.mark.gpu
+
+
+def _device_params():
+    return [pytest.param("cpu", id="interp"), pytest.param("cuda", id="cuda", marks=gpu)]
+
+
+@pytest.fixture(params=_device_params())
+def device(request):
+    dev = request.param
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    if not triton_backend.is_available(torch.device(dev)):
+        pytest.skip(triton_backend.why_unavailable(torch.device(dev)))
+    return dev
+
+
+def check(device, **case_args):
+    case = make_case(device=device, **case_args)
+    out, res = run_backend(case, "triton")
+    assert_matches_reference(case, out, res)
+    return case
+
+
+def _id(v):
+    return str(v).replace("torch.", "")
+
+
+# --- the sampled default grid -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_every_kind_and_dtype(device, dtype, kind):
+    check(device, N=3, D=64, dtype=dtype, kind=kind, index_mode="mixed" if kind == "mix" else "none")
+
+
+# (N, D) over the required rows {1, 3, 64, 257} and widths {1, 64, 768, 4097}: each N and each D at
+# least twice, with the options rotated so each setting meets several shapes.
+SHAPES = [(1, 1), (3, 1), (1, 64), (257, 64), (64, 768), (3, 768), (1, 4097), (3, 4097)]
+OPTIONS = list(itertools.product((False, True), ("none", "all_off", "mixed"), ("rms", "layer"), (True, False)))
+
+
+@pytest.mark.parametrize("shape_i", range(len(SHAPES)), ids=[f"N{n}-D{d}" for n, d in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_shapes(device, shape_i, dtype):
+    N, D = SHAPES[shape_i]
+    gated, index_mode, norm, residual = OPTIONS[(shape_i * 5 + DTYPES.index(dtype) * 7) % len(OPTIONS)]
+    kind = ALL_KINDS[(shape_i + DTYPES.index(dtype)) % len(ALL_KINDS)]
+    check(device, N=N, D=D, dtype=dtype, kind=kind, gated=gated, index_mode=index_mode, norm=norm,
+          residual=residual, seed=shape_i)
+
+
+@pytest.mark.parametrize("gated", (False, True))
+@pytest.mark.parametrize("index_mode", ("none", "all_off", "mixed"))
+@pytest.mark.parametrize("norm", ("rms", "layer"))
+@pytest.mark.parametrize("residual", (True, False))
+def test_options(device, gated, index_mode, norm, residual):
+    check(device, N=5, D=96, dtype=torch.bfloat16, kind="mix" if index_mode == "mixed" else "loreft",
+          gated=gated, index_mode=index_mode, norm=norm, residual=residual, num_patches=5)
+
+
+@pytest.mark.parametrize("metric", ("cosine", "projection"))
+@pytest.mark.parametrize("fire", ("above", "below"))
+def test_gate_modes(device, metric, fire):
+    check(device, N=9, D=64, dtype=torch.float32, kind="steer", gated=True, index_mode="mixed",
+          metric=metric, fire=fire, num_patches=2)
+
+
+def test_no_patch_and_no_weight(device):
+    case = make_case(4, 70, torch.float16, kind=None, device=device)
+    out, res = fp.fused_add_norm(case.x, case.residual, None, eps=case.eps, backend="triton")
+    exp_out, exp_res = fp.reference.fused_add_norm(case.x, case.residual, None, eps=case.eps, exact=True)
+    rtol, atol = TOLERANCES[torch.float16]
+    torch.testing.assert_close(res.cpu().double(), exp_res, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.cpu().double(), exp_out, rtol=rtol, atol=atol)
+
+
+def test_weight_offset_and_fp32_weight(device):
+    case = make_case(3, 64, torch.bfloat16, kind="steer", device=device)
+    w32 = case.weight.float()
+    out, res = fp.fused_add_norm(case.x, case.residual, w32, weight_offset=1.0, backend="triton", **case.kwargs())
+    exp_out, exp_res = fp.reference.fused_add_norm(case.x, case.residual, w32, weight_offset=1.0, exact=True,
+                                                   **case.kwargs())
+    rtol, atol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(out.cpu().double(), exp_out, rtol=rtol, atol=atol)
+    torch.testing.assert_close(res.cpu().double(), exp_res, rtol=rtol, atol=atol)
+
+
+# --- fire counts, aliasing, bad index -------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ("row", "tile"))
+def test_fire_counts(device, path):
+    if path == "row":
+        case = make_case(17, 64, torch.float32, kind="mix", gated=True, index_mode="mixed", num_patches=4,
+                         device=device)
+    else:
+        case = make_case(70, 48, torch.float32, kind="lowrank", rank=16, gated=True, device=device)
+    P = case.bank.num_patches
+    counts = torch.full((P,), 5, dtype=torch.int32, device=device)
+    expected = torch.full((P,), 5, dtype=torch.int32)
+    out, res = run_backend(case, "triton", fire_counts=counts)
+    case.expected(fire_counts=expected)
+    assert_matches_reference(case, out, res)
+    assert counts.cpu().tolist() == expected.tolist()
+    assert 5 < int(expected.sum()) < 5 * P + case.x.shape[0]  # some rows fired, some did not
+
+
+@pytest.mark.parametrize("alias", ("out=x,res=residual", "out=residual,res=x", "res=x"))
+@pytest.mark.parametrize("path", ("single", "chunked", "tile"))
+def test_outputs_may_alias_inputs(device, alias, path, monkeypatch):
+    if path == "chunked":
+        monkeypatch.setattr(dispatch, "MAX_SINGLE_PASS_D", 32)
+        monkeypatch.setattr(dispatch, "CHUNK_D", 32)
+    if path == "tile":
+        case = make_case(66, 80, torch.bfloat16, kind="lowrank", rank=16, gated=True, norm="layer", device=device)
+    else:
+        case = make_case(4, 80, torch.bfloat16, kind="mix", gated=True, index_mode="mixed", norm="layer",
+                         device=device)
+    exp_out, exp_res = case.expected()
+    x, r = case.x.clone(), case.residual.clone()
+    targets = {"out=x,res=residual": (x, r), "out=residual,res=x": (r, x), "res=x": (None, x)}[alias]
+    out, res = fp.fused_add_norm(x, r, case.weight, out=targets[0], residual_out=targets[1], backend="triton",
+                                 **case.kwargs())
+    rtol, atol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(res.cpu().double(), exp_res, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.cpu().double(), exp_out, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("index_dtype", (torch.int32, torch.int64), ids=_id)
+def test_out_of_range_index_means_no_patch(device, index_dtype, monkeypatch):
+    monkeypatch.setattr(fp.ops.config, "check_index_values", False)
+    case = make_case(6, 64, torch.float32, kind="steer", index_mode="mixed", num_patches=3, device=device)
+    bad = torch.tensor([3, -2, 2**31 - 1 if index_dtype == torch.int32 else 2**40, -(2**31), 0, 100],
+                       dtype=index_dtype, device=device)
+    out, res = fp.fused_add_norm(case.x, case.residual, case.weight, bank=case.bank, index=bad, eps=case.eps,
+                                 backend="triton")
+    clean = torch.where((bad >= 0) & (bad < 3), bad, torch.full_like(bad, -1)).long()
+    exp_out, exp_res = fp.reference.fused_add_norm(case.x, case.residual, case.weight, bank=case.bank,
+                                                   index=clean, eps=case.eps, exact=True)
+    torch.testing.assert_close(res.cpu().double(), exp_res, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.cpu().double(), exp_out, rtol=1e-4, atol=1e-4)
+
+
+# --- each kernel path explicitly ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("rank,index_mode,norm", [(16, "none", "rms"), (24, "index1", "layer"),
+                                                  (40, "none", "layer")])
+def test_tile_dot_path(device, dtype, rank, index_mode, norm):
+    """Prefill rows with rank >= 8: BLOCK_M rows per program, tl.dot (rank padded to 16/32/64)."""
+    N, D = 70, 96
+    kind = "loreft" if rank == 24 else "lowrank"
+    case = make_case(N, D, dtype, kind=kind, rank=rank, gated=(rank != 40), norm=norm, device=device,
+                     bank_dtype=dtype if dtype != torch.float32 else torch.float32)
+    if index_mode == "index1":  # a one-patch bank with a per-row on/off index stays on the tile kernel
+        gen = torch.Generator().manual_seed(1)
+        case.index = torch.randint(-1, 1, (N,), generator=gen).to(device)
+    cfg = dispatch.select(N, D, case.bank.rank, case.index is not None, case.bank.num_patches)
+    assert cfg.kernel == "tile" and cfg.R_PAD == dispatch.rank_pad(case.bank.rank)
+    out, res = run_backend(case, "triton")
+    assert_matches_reference(case, out, res)
+
+
+def test_index_into_many_patches_takes_row_kernel(device):
+    case = make_case(70, 64, torch.float16, kind="lowrank", rank=16, index_mode="mixed", num_patches=3,
+                     device=device, bank_dtype=torch.float16)
+    assert dispatch.select(70, 64, 16, True, 3).kernel == "row"
+    out, res = run_backend(case, "triton")
+    assert_matches_reference(case, out, res)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("kind,gated,norm", [("mix", True, "layer"), ("lowrank", False, "rms"),
+                                             ("steer", True, "rms")])
+def test_chunked_row_path(device, dtype, kind, gated, norm, monkeypatch):
+    """D above the single-pass limit: multi-pass over chunks (limits shrunk so the interpreter is quick)."""
+    monkeypatch.setattr(dispatch, "MAX_SINGLE_PASS_D", 64)
+    monkeypatch.setattr(dispatch, "CHUNK_D", 64)
+    cfg = dispatch.select(3, 150, 4)
+    assert cfg.kernel == "row" and not cfg.SINGLE_PASS
+    check(device, N=3, D=150, dtype=dtype, kind=kind, gated=gated, norm=norm,
+          index_mode="mixed" if kind == "mix" else "none", residual=dtype != torch.float16)
+
+
+def test_real_chunked_width(device):
+    """D > MAX_SINGLE_PASS_D with the real chunk width (one row: the interpreter is slow)."""
+    D = dispatch.MAX_SINGLE_PASS_D + 5
+    assert not dispatch.select(1, D, 4).SINGLE_PASS
+    check(device, N=1, D=D, dtype=torch.float32, kind="lowrank", gated=True, norm="layer")
+
+
+# --- dispatcher, availability, torch.compile ------------------------------------------------------
+
+def test_all_configs_covers_select():
+    configs = set(dispatch.all_configs())
+    rng = random.Random(0)
+    for _ in range(3000):
+        N = rng.choice([1, 2, 7, 63, 64, 65, 500, 4096, 16384])
+        D = rng.randint(1, 3 * dispatch.MAX_SINGLE_PASS_D)
+        rank = rng.randint(0, dispatch.MAX_ENUMERATED_RANK)
+        P = rng.choice([1, 2, 64])
+        cfg = dispatch.select(N, D, rank, rng.random() < 0.5, P)
+        assert cfg in configs, cfg
+    kernels = {c.kernel for c in configs}
+    assert kernels == {"row", "tile"}
+    assert any(c.SINGLE_PASS for c in configs) and any(c.kernel == "row" and not c.SINGLE_PASS for c in configs)
+
+
+def test_availability_messages():
+    assert "triton" in backends.available("cuda") or not torch.cuda.is_available()
+    if triton_backend._interpreting():
+        assert triton_backend.is_available("cpu")
+    else:
+        assert "TRITON_INTERPRET" in triton_backend.why_unavailable("cpu")
+    assert not triton_backend.is_available("meta")
+
+
+def test_torch_compile_goes_through_custom_op(device):
+    case = make_case(4, 64, torch.float32, kind="steer", gated=True, index_mode="mixed", device=device)
+
+    def f(x, r, w, idx):
+        out, res = fp.fused_add_norm(x, r, w, bank=case.bank, index=idx, eps=case.eps, backend="triton")
+        return out * 2, res
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    out, res = compiled(case.x, case.residual, case.weight, case.index)
+    exp_out, exp_res = case.expected()
+    torch.testing.assert_close(res.cpu().double(), exp_res, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.cpu().double(), 2 * exp_out, rtol=1e-4, atol=2e-4)
+
+
+def test_opcheck(device):
+    case = make_case(3, 32, torch.float32, kind="lowrank", rank=2, gated=True, device=device)
+    b = case.bank
+    out, res = torch.empty_like(case.x), torch.empty_like(case.x)
+    args = (case.x, case.residual, case.weight, None, 1e-6, 0, 0.0, b.down, b.bias, b.up, None, b.gate_dir,
+            b.gate_threshold, b.gate_mode, None, None, out, res, 1)
+    torch.library.opcheck(torch.ops.fastpatch.fused_add_norm_triton.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# --- the full product (slow) ----------------------------------------------------------------------
+
+FULL = list(itertools.product(DTYPES, ALL_KINDS, (False, True), ("none", "all_off", "mixed"), ("rms", "layer"),
+                              (True, False)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("N,D", [(1, 64), (3, 768), (64, 64), (257, 1), (1, 4097), (70, 256)])
+@pytest.mark.parametrize("combo", range(len(FULL)))
+def test_full_grid(device, N, D, combo):
+    dtype, kind, gated, index_mode, norm, residual = FULL[combo]
+    if kind == "mix" and index_mode == "none":
+        index_mode = "mixed"
+    rank = 16 if (N >= 64 and combo % 2) else 4
+    check(device, N=N, D=D, dtype=dtype, kind=kind, gated=gated, index_mode=index_mode, norm=norm,
+          residual=residual, rank=rank, seed=combo)
