@@ -19,8 +19,8 @@ Convert by the files' extensions:
 When writing .safetensors, --name/--version/--author/--description fill the manifest.
 
 example:
-  fastpatch convert honesty.safetensors honesty.gguf --model-hint llama
-  llama-cli -m model.gguf --control-vector honesty.gguf        # then in llama.cpp
+  fastpatch convert happy.safetensors happy.gguf --model-hint llama
+  llama-cli -m model.gguf --control-vector happy.gguf          # then in llama.cpp
   fastpatch convert happy.gguf happy.safetensors --scale 2 --name happy --version 1.0.0
 """
 
