@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -82,7 +83,9 @@ inline Vec store_rounded(T* p, const Vec& v, int64_t n) {
     return v;
   } else if constexpr (Chunk::value) {
     auto packed = at::vec::convert_from_float<T>(v, v);  // round to nearest even, as torch does
-    packed.store(p, kLanes);
+    // Only the low half is ours; Vectorized<T>::store(p, count) would bounce through a stack copy.
+    static_assert(sizeof(packed) == 2 * kLanes * sizeof(T), "Vectorized<T> holds 2x float lanes");
+    std::memcpy(p, &packed, kLanes * sizeof(T));
     return std::get<0>(at::vec::convert_to_float<T>(packed));
   } else {
     alignas(64) float tmp[kLanes];
@@ -292,46 +295,74 @@ inline void write_normed_any(const Problem& p, const float* buf, float mean, flo
   else write_normed<T, W, false, false>(buf, w, b, p.weight_offset, mean, inv, out, D);
 }
 
-// ----------------------------------------------------------------------------------------------
-// One row, end to end. T: x dtype; B: bank dtype (float or T); W: norm weight/bias dtype.
+// Low-rank patches over a block of NB rows that use the same patch: each down/up chunk is loaded
+// once for all NB rows (the bank, 2·R·D values, is what a low-rank patch reads most; per row it
+// would be streamed from L2 again and again). z is [NB, R].
 
-template <typename T, typename B, typename W, bool kResidual>
-void process_row(const Problem& p, int64_t row, float* buf, std::vector<float>& z) {
-  const int64_t D = p.hidden;
-  const T* x = static_cast<const T*>(p.x) + row * D;
-  const T* res = kResidual ? static_cast<const T*>(p.residual) + row * D : nullptr;
-  T* res_out = static_cast<T*>(p.residual_out) + row * D;
-  float sum = 0.f, sumsq = 0.f;  // of the rounded residual_out row
-
-  const int64_t k = patch_of_row(p, row);
-  if (k < 0) {
-    add_round_store<T, kResidual>(x, res, res_out, buf, D, sum, sumsq);
-  } else {
-    const int mode = p.gate_dir ? p.gate_mode[k] : kGateNone;
-    float proj = 0.f, h_sumsq = 0.f;
-    if (mode != kGateNone) {
-      const B* dir = static_cast<const B*>(p.gate_dir) + k * D;
-      add_to_buffer<T, B, kResidual, true>(x, res, dir, buf, D, proj, h_sumsq);
-    } else {
-      add_to_buffer<T, B, kResidual, false>(x, res, nullptr, buf, D, proj, h_sumsq);
-    }
-    const bool fires = gate_fires(mode, proj, h_sumsq, p.gate_threshold ? p.gate_threshold[k] : 0.f);
-    if (fires) {
-      if (p.fire_counts) __atomic_fetch_add(p.fire_counts + k, 1, __ATOMIC_RELAXED);
-      const int64_t R = p.down ? p.rank : 0;
-      if (R > 0) {
-        down_project<B>(buf, static_cast<const B*>(p.down) + k * R * D,
-                        static_cast<const B*>(p.down_bias) + k * R, R, D, z.data());
-      }
-      const B* up = R > 0 ? static_cast<const B*>(p.up) + k * R * D : nullptr;
-      const B* shift = p.shift ? static_cast<const B*>(p.shift) + k * D : nullptr;
-      finish_patched<T, B>(buf, z.data(), up, R, shift, res_out, D, sum, sumsq);
-    } else {
-      finish_patched<T, B>(buf, nullptr, static_cast<const B*>(nullptr), 0, nullptr, res_out, D, sum,
-                           sumsq);
-    }
+template <typename B, int NB>
+inline void down_project_block(float* const* bufs, const B* down, const B* bias, int64_t R,
+                               int64_t D, float* z) {
+  for (int64_t r = 0; r < R; ++r) {
+    const B* d = down + r * D;
+    Vec acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = Vec(0.f);
+    for_each_chunk(D, [&](auto chunk, int64_t j) {
+      using C = decltype(chunk);
+      const int64_t n = D - j;
+      const Vec dj = load<C>(d + j, n);
+      for (int b = 0; b < NB; ++b) acc[b] = at::vec::fmadd(load<C>(bufs[b] + j, n), dj, acc[b]);
+    });
+    for (int b = 0; b < NB; ++b) z[b * R + r] = hsum(acc[b]) + static_cast<float>(bias[r]);
   }
+}
 
+template <typename T, typename B, int NB>
+inline void finish_block(float* const* bufs, const float* z, const B* up, int64_t R, const B* shift,
+                         T* const* res_outs, int64_t D, float* sums, float* sumsqs) {
+  Vec s[NB], q[NB];
+  for (int b = 0; b < NB; ++b) s[b] = q[b] = Vec(0.f);
+  for_each_chunk(D, [&](auto chunk, int64_t j) {
+    using C = decltype(chunk);
+    const int64_t n = D - j;
+    const Vec sh = shift != nullptr ? load<C>(shift + j, n) : Vec(0.f);
+    Vec h[NB];
+    for (int b = 0; b < NB; ++b) h[b] = load<C>(bufs[b] + j, n) + sh;
+    for (int64_t r = 0; r < R; ++r) {
+      const Vec u = load<C>(up + r * D + j, n);
+      for (int b = 0; b < NB; ++b) h[b] = at::vec::fmadd(Vec(z[b * R + r]), u, h[b]);
+    }
+    for (int b = 0; b < NB; ++b) {
+      const Vec rounded = store_rounded<C>(res_outs[b] + j, h[b], n);
+      store_f32<C>(bufs[b] + j, rounded, n);
+      s[b] = s[b] + rounded;
+      q[b] = at::vec::fmadd(rounded, rounded, q[b]);
+    }
+  });
+  for (int b = 0; b < NB; ++b) {
+    sums[b] = hsum(s[b]);
+    sumsqs[b] = hsum(q[b]);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Rows, end to end. T: x dtype; B: bank dtype (float or T); W: norm weight/bias dtype.
+
+// Rows handled together so that low-rank rows sharing a patch share its bank loads.
+constexpr int kBlockRows = 8;
+
+// Per-thread scratch, reused across calls so a decode step allocates nothing.
+struct Scratch {
+  std::vector<float> rows;  // kBlockRows fp32 row buffers of `hidden` floats
+  std::vector<float> z;     // kBlockRows × rank
+  void fit(int64_t hidden, int64_t rank) {
+    if (static_cast<int64_t>(rows.size()) < kBlockRows * hidden) rows.resize(kBlockRows * hidden);
+    if (static_cast<int64_t>(z.size()) < kBlockRows * rank) z.resize(kBlockRows * rank);
+  }
+};
+
+template <typename T, typename W>
+inline void normalize_row(const Problem& p, int64_t row, const float* buf, float sum, float sumsq) {
+  const int64_t D = p.hidden;
   float mean = 0.f, inv;
   if (p.norm_kind == kNormLayer) {
     mean = sum / static_cast<float>(D);
@@ -342,25 +373,109 @@ void process_row(const Problem& p, int64_t row, float* buf, std::vector<float>& 
   write_normed_any<T, W>(p, buf, mean, inv, static_cast<T*>(p.out) + row * D);
 }
 
-// Rows per task: enough work (~32K elements, more with a rank) that a task outweighs waking a
-// thread, so a decode step's handful of rows runs inline on the calling thread.
+template <typename T, typename B, typename W, int NB>
+void lowrank_block(const Problem& p, int64_t k, const int64_t* rows, float* const* bufs, float* z) {
+  const int64_t D = p.hidden, R = p.rank;
+  const B* down = static_cast<const B*>(p.down) + k * R * D;
+  const B* bias = static_cast<const B*>(p.down_bias) + k * R;
+  const B* up = static_cast<const B*>(p.up) + k * R * D;
+  const B* shift = p.shift ? static_cast<const B*>(p.shift) + k * D : nullptr;
+  if constexpr (NB == 1) {
+    down_project<B>(bufs[0], down, bias, R, D, z);  // four dots per sweep beats one
+  } else {
+    down_project_block<B, NB>(bufs, down, bias, R, D, z);
+  }
+  T* res_outs[NB];
+  float sums[NB], sumsqs[NB];
+  for (int b = 0; b < NB; ++b) res_outs[b] = static_cast<T*>(p.residual_out) + rows[b] * D;
+  finish_block<T, B, NB>(bufs, z, up, R, shift, res_outs, D, sums, sumsqs);
+  for (int b = 0; b < NB; ++b) normalize_row<T, W>(p, rows[b], bufs[b], sums[b], sumsqs[b]);
+}
+
+// Rows [begin, end) in blocks of kBlockRows. Within a block every row is added (and gated) into its
+// own buffer; rows without a low-rank part finish at once, low-rank rows are then finished per
+// patch, in sub-blocks of 8/4/2/1 rows.
+template <typename T, typename B, typename W, bool kResidual>
+void process_rows(const Problem& p, int64_t begin, int64_t end, Scratch& scratch) {
+  const int64_t D = p.hidden;
+  const int64_t R = p.down ? p.rank : 0;
+  for (int64_t first = begin; first < end; first += kBlockRows) {
+    const int nrows = static_cast<int>(std::min<int64_t>(kBlockRows, end - first));
+    int64_t pending_rows[kBlockRows], pending_patch[kBlockRows];
+    int npending = 0;
+    for (int b = 0; b < nrows; ++b) {
+      const int64_t row = first + b;
+      float* buf = scratch.rows.data() + b * D;
+      const T* x = static_cast<const T*>(p.x) + row * D;
+      const T* res = kResidual ? static_cast<const T*>(p.residual) + row * D : nullptr;
+      T* res_out = static_cast<T*>(p.residual_out) + row * D;
+      float sum = 0.f, sumsq = 0.f;  // of the rounded residual_out row
+      const int64_t k = patch_of_row(p, row);
+      if (k < 0) {
+        add_round_store<T, kResidual>(x, res, res_out, buf, D, sum, sumsq);
+        normalize_row<T, W>(p, row, buf, sum, sumsq);
+        continue;
+      }
+      const int mode = p.gate_dir ? p.gate_mode[k] : kGateNone;
+      float proj = 0.f, h_sumsq = 0.f;
+      if (mode != kGateNone) {
+        const B* dir = static_cast<const B*>(p.gate_dir) + k * D;
+        add_to_buffer<T, B, kResidual, true>(x, res, dir, buf, D, proj, h_sumsq);
+      } else {
+        add_to_buffer<T, B, kResidual, false>(x, res, nullptr, buf, D, proj, h_sumsq);
+      }
+      const bool fires = gate_fires(mode, proj, h_sumsq, p.gate_threshold ? p.gate_threshold[k] : 0.f);
+      if (fires && p.fire_counts) __atomic_fetch_add(p.fire_counts + k, 1, __ATOMIC_RELAXED);
+      if (fires && R > 0) {
+        pending_rows[npending] = row;
+        pending_patch[npending] = k;
+        ++npending;
+        continue;
+      }
+      const B* shift = (fires && p.shift) ? static_cast<const B*>(p.shift) + k * D : nullptr;
+      finish_patched<T, B>(buf, nullptr, static_cast<const B*>(nullptr), 0, shift, res_out, D, sum,
+                           sumsq);
+      normalize_row<T, W>(p, row, buf, sum, sumsq);
+    }
+    // Low-rank rows, grouped by patch.
+    bool done[kBlockRows] = {};
+    for (int a = 0; a < npending; ++a) {
+      if (done[a]) continue;
+      const int64_t k = pending_patch[a];
+      int64_t rows[kBlockRows];
+      float* bufs[kBlockRows];
+      int m = 0;
+      for (int c = a; c < npending; ++c) {
+        if (done[c] || pending_patch[c] != k) continue;
+        done[c] = true;
+        rows[m] = pending_rows[c];
+        bufs[m] = scratch.rows.data() + (pending_rows[c] - first) * D;
+        ++m;
+      }
+      float* z = scratch.z.data();
+      int at = 0;
+      for (; m - at >= 8; at += 8) lowrank_block<T, B, W, 8>(p, k, rows + at, bufs + at, z);
+      if (m - at >= 4) { lowrank_block<T, B, W, 4>(p, k, rows + at, bufs + at, z); at += 4; }
+      if (m - at >= 2) { lowrank_block<T, B, W, 2>(p, k, rows + at, bufs + at, z); at += 2; }
+      if (m - at >= 1) { lowrank_block<T, B, W, 1>(p, k, rows + at, bufs + at, z); at += 1; }
+    }
+  }
+}
+
+// Rows per task: enough work (~32K element-operations) that a task outweighs waking a thread, so a
+// decode step's handful of rows runs inline on the calling thread.
 inline int64_t grain_rows(const Problem& p) {
-  const int64_t per_row = p.hidden * (1 + (p.has_bank ? p.rank : 0));
+  const int64_t per_row = p.hidden * (1 + (p.has_bank && p.down ? p.rank : 0));
   return std::max<int64_t>(1, (int64_t{32768} + per_row - 1) / per_row);
 }
 
 template <typename T, typename B, typename W>
 void run_rows(const Problem& p) {
   at::parallel_for(0, p.rows, grain_rows(p), [&](int64_t begin, int64_t end) {
-    // One fp32 row buffer per thread, reused across calls: a decode step allocates nothing.
-    thread_local std::vector<float> buf;
-    thread_local std::vector<float> z;
-    if (static_cast<int64_t>(buf.size()) < p.hidden) buf.resize(p.hidden);
-    if (static_cast<int64_t>(z.size()) < p.rank) z.resize(p.rank);
-    for (int64_t row = begin; row < end; ++row) {
-      if (p.residual) process_row<T, B, W, true>(p, row, buf.data(), z);
-      else process_row<T, B, W, false>(p, row, buf.data(), z);
-    }
+    thread_local Scratch scratch;
+    scratch.fit(p.hidden, p.rank);
+    if (p.residual) process_rows<T, B, W, true>(p, begin, end, scratch);
+    else process_rows<T, B, W, false>(p, begin, end, scratch);
   });
 }
 
