@@ -156,15 +156,17 @@ inline int64_t patch_of_row(const Problem& p, int64_t row) {
 // Passes over one row.
 
 // Unpatched row: residual_out = round(x + residual), buf = that in fp32, with Σ and Σ² for the norm.
-template <typename T, bool kResidual>
-inline void add_round_store(const T* x, const T* res, T* res_out, float* buf, int64_t D,
-                            float& sum, float& sumsq) {
+// With a shift (an ungated rank-0 patch: a steer) h + shift goes the same single pass.
+template <typename T, typename B, bool kResidual, bool kShift>
+inline void add_round_store(const T* x, const T* res, const B* shift, T* res_out, float* buf,
+                            int64_t D, float& sum, float& sumsq) {
   Vec s(0.f), q(0.f);
   for_each_chunk(D, [&](auto chunk, int64_t j) {
     using C = decltype(chunk);
     const int64_t n = D - j;
     Vec h = load<C>(x + j, n);
     if constexpr (kResidual) h = h + load<C>(res + j, n);
+    if constexpr (kShift) h = h + load<C>(shift + j, n);
     const Vec r = store_rounded<C>(res_out + j, h, n);
     store_f32<C>(buf + j, r, n);
     s = s + r;
@@ -412,11 +414,23 @@ void process_rows(const Problem& p, int64_t begin, int64_t end, Scratch& scratch
       float sum = 0.f, sumsq = 0.f;  // of the rounded residual_out row
       const int64_t k = patch_of_row(p, row);
       if (k < 0) {
-        add_round_store<T, kResidual>(x, res, res_out, buf, D, sum, sumsq);
+        add_round_store<T, B, kResidual, false>(x, res, nullptr, res_out, buf, D, sum, sumsq);
         normalize_row<T, W>(p, row, buf, sum, sumsq);
         continue;
       }
       const int mode = p.gate_dir ? p.gate_mode[k] : kGateNone;
+      if (mode == kGateNone && R == 0) {
+        // Always fires and needs no dot product: one pass, like an unpatched row.
+        if (p.fire_counts) __atomic_fetch_add(p.fire_counts + k, 1, __ATOMIC_RELAXED);
+        if (p.shift) {
+          const B* shift = static_cast<const B*>(p.shift) + k * D;
+          add_round_store<T, B, kResidual, true>(x, res, shift, res_out, buf, D, sum, sumsq);
+        } else {
+          add_round_store<T, B, kResidual, false>(x, res, nullptr, res_out, buf, D, sum, sumsq);
+        }
+        normalize_row<T, W>(p, row, buf, sum, sumsq);
+        continue;
+      }
       float proj = 0.f, h_sumsq = 0.f;
       if (mode != kGateNone) {
         const B* dir = static_cast<const B*>(p.gate_dir) + k * D;
