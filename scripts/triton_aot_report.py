@@ -47,9 +47,22 @@ POINTERS = ("x_ptr", "res_ptr", "w_ptr", "b_ptr", "out_ptr", "res_out_ptr", "dow
             "up_ptr", "shift_ptr", "gate_dir_ptr", "gate_thr_ptr", "gate_mode_ptr", "index_ptr", "fire_ptr")
 
 
-def _signature(kernel: str, dtype: str) -> dict:
-    """Argument types: activations and bank in ``dtype``, weight in ``dtype``, int64 index."""
-    pointer_types = {p: f"*{dtype}" for p in POINTERS}
+BANK_POINTERS = ("down_ptr", "down_bias_ptr", "up_ptr", "shift_ptr", "gate_dir_ptr")
+
+
+def bank_dtype(config, dtype: str) -> str:
+    """The bank dtype a config runs with: fp32-dot tile configs are picked only for fp32 banks, and
+    16-bit-dot ones only for 16-bit banks (bf16 stands in when activations are fp32)."""
+    if config.kernel != "tile":
+        return dtype
+    if config.DOT_FP32:
+        return "fp32"
+    return dtype if dtype != "fp32" else "bf16"
+
+
+def _signature(kernel: str, dtype: str, bank: str) -> dict:
+    """Argument types: activations and weight in ``dtype``, bank in ``bank``, int64 index."""
+    pointer_types = {p: f"*{bank if p in BANK_POINTERS else dtype}" for p in POINTERS}
     pointer_types.update(gate_thr_ptr="*fp32", gate_mode_ptr="*i32", index_ptr="*i64", fire_ptr="*i32")
     if kernel == "row":
         scalars = {"D": "i32", "rank": "i32", "num_patches": "i32", "eps": "fp32", "weight_offset": "fp32"}
@@ -105,11 +118,11 @@ def compile_one(job) -> dict:
     if config.kernel == "tile":
         for flag in ("HAS_PATCH", "HAS_LOWRANK"):
             constexprs.pop(flag)
-        constexprs["DOT_FP32"] = dtype == "fp32"
     constexprs.update(config.constexprs())
-    signature = _signature(config.kernel, dtype)
+    signature = _signature(config.kernel, dtype, bank_dtype(config, dtype))
     signature.update({name: "constexpr" for name in constexprs})
-    row = dict(kernel=config.kernel, config=config.label(), variant=variant, dtype=dtype, arch=f"sm_{arch}",
+    row = dict(kernel=config.kernel, config=config.label(), variant=variant, dtype=dtype,
+               bank_dtype=bank_dtype(config, dtype), arch=f"sm_{arch}",
                num_warps=config.num_warps)
     start = time.perf_counter()
     try:

@@ -37,6 +37,7 @@ class LaunchConfig:
     SINGLE_PASS: bool = False
     BLOCK_M: int = 1
     R_PAD: int = MIN_R_PAD
+    DOT_FP32: bool = False  # tile: fp32 IEEE dots (fp32 banks; the interpreter), else 16-bit tensor cores
 
     def constexprs(self) -> dict:
         """The config's compile-time kernel parameters."""
@@ -45,13 +46,15 @@ class LaunchConfig:
             d["SINGLE_PASS"] = self.SINGLE_PASS
         else:
             d["BLOCK_M"] = self.BLOCK_M
+            d["DOT_FP32"] = self.DOT_FP32
         return d
 
     def label(self) -> str:
         if self.kernel == "row":
             mode = "single" if self.SINGLE_PASS else "chunked"
             return f"row/{mode} BLOCK_D={self.BLOCK_D} R_PAD={self.R_PAD} warps={self.num_warps}"
-        return f"tile BLOCK_M={self.BLOCK_M} BLOCK_D={self.BLOCK_D} R_PAD={self.R_PAD} warps={self.num_warps}"
+        dot = " fp32dot" if self.DOT_FP32 else ""
+        return f"tile BLOCK_M={self.BLOCK_M} BLOCK_D={self.BLOCK_D} R_PAD={self.R_PAD} warps={self.num_warps}{dot}"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,14 +73,21 @@ def uses_tile_kernel(N: int, rank: int, index_given: bool, num_patches: int) -> 
     return N >= TILE_MIN_N and TILE_MIN_RANK <= rank <= TILE_MAX_RANK and same_patch_every_row
 
 
-def select(N: int, D: int, rank: int = 0, index_given: bool = False, num_patches: int = 1) -> LaunchConfig:
-    """The launch config for N rows of width D with a bank of this rank (0 = no low-rank part)."""
+def select(N: int, D: int, rank: int = 0, index_given: bool = False, num_patches: int = 1,
+           dot_fp32: bool = False) -> LaunchConfig:
+    """The launch config for N rows of width D with a bank of this rank (0 = no low-rank part).
+
+    dot_fp32: the tile kernel's dots run in fp32 (an fp32 bank): operand tiles are twice as big."""
     if uses_tile_kernel(N, rank, index_given, num_patches):
         r_pad = rank_pad(rank)
         # Small tiles and 8 warps: with 4 warps a [32, 128] tile already spilled at rank 16 on sm_90
         # (scripts/triton_aot_report.py); wider ranks get narrower D chunks.
-        block_d = 64 if r_pad <= 64 else 32
-        return LaunchConfig("tile", BLOCK_D=block_d, num_warps=8, BLOCK_M=TILE_BLOCK_M, R_PAD=r_pad)
+        if dot_fp32:  # fp32 operands: at R_PAD 64 a 64-wide chunk spilled on sm_90, 32-wide on sm_80
+            block_d = 64 if r_pad <= 32 else 16
+        else:
+            block_d = 64 if r_pad <= 64 else 32
+        return LaunchConfig("tile", BLOCK_D=block_d, num_warps=8, BLOCK_M=TILE_BLOCK_M, R_PAD=r_pad,
+                            DOT_FP32=dot_fp32)
     if D <= MAX_SINGLE_PASS_D:
         block_d = max(128, next_pow2(D))
         # ~16 elements per thread per live row vector: enough to hide latency, few registers.
@@ -105,10 +115,11 @@ def _probe_points():
         for D in Ds:
             for rank in ranks:
                 for index_given, P in ((False, 1), (True, 1), (True, 4)):
-                    yield N, D, rank, index_given, P
+                    for dot_fp32 in (False, True):
+                        yield N, D, rank, index_given, P, dot_fp32
 
 
 def all_configs() -> list[LaunchConfig]:
     """Every LaunchConfig that select() can return (ranks up to MAX_ENUMERATED_RANK), sorted."""
     seen = {select(*p) for p in _probe_points()}
-    return sorted(seen, key=lambda c: (c.kernel, c.SINGLE_PASS, c.BLOCK_D, c.R_PAD, c.num_warps))
+    return sorted(seen, key=lambda c: (c.kernel, c.SINGLE_PASS, c.DOT_FP32, c.BLOCK_D, c.R_PAD, c.num_warps))

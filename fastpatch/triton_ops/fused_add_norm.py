@@ -320,7 +320,10 @@ def launch(x, residual, weight, bias, eps, norm_kind, weight_offset,
     has_patch = gate_mode is not None
     rank = down.shape[1] if (has_patch and down is not None) else 0
     if config is None:
-        config = dispatch.select(N, D, rank, index is not None, num_patches)
+        # fp32 banks need IEEE fp32 dots (TF32 misses the fp32 tolerance); the interpreter's bf16
+        # tl.dot is wrong (triton #11584), so it always takes the fp32 path.
+        dot_fp32 = rank > 0 and (down.dtype == torch.float32 or interpreting())
+        config = dispatch.select(N, D, rank, index is not None, num_patches, dot_fp32)
     dummy = x  # never dereferenced: its flag is off
     args = [x, residual if residual is not None else dummy, weight if weight is not None else dummy,
             bias if bias is not None else dummy, out, residual_out,
@@ -336,9 +339,8 @@ def launch(x, residual, weight, bias, eps, norm_kind, weight_offset,
     if config.kernel == "tile":
         if not rank:
             raise ValueError("the tile kernel needs a low-rank part")
-        dot_fp32 = down.dtype == torch.float32 or interpreting()
         fused_add_norm_tile_kernel[(triton.cdiv(N, config.BLOCK_M),)](
-            *args, N, D, rank, eps, weight_offset, DOT_FP32=dot_fp32, **common, **config.constexprs())
+            *args, N, D, rank, eps, weight_offset, **common, **config.constexprs())
     else:
         fused_add_norm_row_kernel[(N,)](
             *args, D, rank, num_patches, eps, weight_offset, HAS_PATCH=has_patch, HAS_LOWRANK=rank > 0,
