@@ -1,0 +1,69 @@
+"""`fastpatch eval`: effect of a patch file on target prompts and its KL on neutral prompts."""
+from __future__ import annotations
+
+NAME = "eval"
+HELP = "evaluate a patch file: target-metric effect and neutral-prompt KL (table or JSON)"
+DESCRIPTION = """\
+Load a patch file (fastpatch.load, checked against the model's fingerprint) and report, patched vs
+unpatched:
+
+  target metric   mean projection of the residual stream on the patch's direction at the patched
+                  layer's resid_post (--metric projection, the default), or the mean log-prob of
+                  --continuations after each target prompt (--metric logprob)
+  neutral KL      KL(unpatched || patched) of the next-token distribution at every token of the
+                  neutral prompts (mean, last token, worst prompt) and top-1 agreement
+
+Prompts come from a JSON file with "targets" and "neutral" lists (and optionally "continuations");
+the built-in fastpatch/data/sentiment_pairs.json is the default.
+
+examples:
+  fastpatch eval positive.safetensors --model smollm2
+  fastpatch eval positive.safetensors --model smollm2 --metric logprob --continuations " great" " happy"
+  fastpatch eval positive.safetensors --model smollm2 --prompts my_prompts.json --json report.json
+"""
+
+
+def add_arguments(p) -> None:
+    from .fit import add_model_arguments
+
+    p.add_argument("patch", help="patch file (.safetensors written by fastpatch fit / fastpatch.save)")
+    add_model_arguments(p)
+    p.add_argument("--prompts", default=None, help="JSON with 'targets' and 'neutral' lists (default: built-in)")
+    p.add_argument("--metric", default="projection", choices=["projection", "logprob"], help="target metric")
+    p.add_argument("--continuations", nargs="+", default=None,
+                   help="texts scored after each target prompt for --metric logprob (default: from the prompts file)")
+    p.add_argument("--read-site", default=None, help="site the projection is read at (default: resid_post of "
+                                                      "the patched layer)")
+    p.add_argument("--position", default="last", choices=["last", "mean"], help="pooling for the projection")
+    p.add_argument("--force", action="store_true", help="load a patch fitted on a different model anyway")
+    p.add_argument("--json", default=None, help="also write the report as JSON here ('-' = stdout only JSON)")
+
+
+def run(args) -> int:
+    import torch
+
+    import fastpatch
+    from ..demo import load_model, load_prompts
+    from ..evaluate import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, device=args.device)
+    patches = fastpatch.load(args.patch, model=model, force=args.force)
+    data = load_prompts(args.prompts) if args.prompts else load_prompts()
+    targets, neutral = data.get("targets"), data.get("neutral")
+    if not targets or not neutral:
+        print("fastpatch eval: the prompts file needs non-empty 'targets' and 'neutral' lists")
+        return 2
+    conts = args.continuations or data.get("continuations")
+    rep = evaluate(model, tok, patches, targets, neutral, metric=args.metric, continuations=conts,
+                   read_site=args.read_site, position=args.position)
+    if args.json == "-":
+        print(rep.to_json(indent=1))
+        return 0
+    print(rep.table())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(rep.to_json(indent=1))
+        print(f"wrote {args.json}")
+    return 0

