@@ -67,6 +67,8 @@ def test_shapes(device, shape_i, dtype):
     N, D = SHAPES[shape_i]
     gated, index_mode, norm, residual = OPTIONS[(shape_i * 5 + DTYPES.index(dtype) * 7) % len(OPTIONS)]
     kind = ALL_KINDS[(shape_i + DTYPES.index(dtype)) % len(ALL_KINDS)]
+    if N > 64:  # 257 interpreted programs: keep the per-row rank loop short (kinds are covered above)
+        kind = "mix"
     check(device, N=N, D=D, dtype=dtype, kind=kind, gated=gated, index_mode=index_mode, norm=norm,
           residual=residual, seed=shape_i)
 

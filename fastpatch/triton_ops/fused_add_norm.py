@@ -62,7 +62,12 @@ def fused_add_norm_row_kernel(
     SINGLE_PASS: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    # Move the row pointers once (64-bit scalar math) so per-element offsets stay 32-bit.
     row_start = row * D
+    x_ptr += row_start
+    res_ptr += row_start
+    out_ptr += row_start
+    res_out_ptr += row_start
     out_dtype = res_out_ptr.dtype.element_ty
 
     if HAS_PATCH:
@@ -80,7 +85,7 @@ def fused_add_norm_row_kernel(
     if SINGLE_PASS:
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
-        h = _load_h(x_ptr, res_ptr, row_start + cols, mask, HAS_RESIDUAL)
+        h = _load_h(x_ptr, res_ptr, cols, mask, HAS_RESIDUAL)
         if HAS_PATCH:
             fires = valid
             if HAS_GATE:
@@ -100,7 +105,7 @@ def fused_add_norm_row_kernel(
                 delta += tl.load(shift_ptr + k * D + cols, mask=mask, other=0.0).to(tl.float32)
             h = tl.where(fires, h + delta, h)
         rounded = h.to(out_dtype)
-        tl.store(res_out_ptr + row_start + cols, rounded, mask=mask)
+        tl.store(res_out_ptr + cols, rounded, mask=mask)
         y = rounded.to(tl.float32)  # the norm reads the stored (rounded) residual, as the reference does
         if IS_LAYER:
             mean = tl.sum(y, 0) / D
@@ -109,7 +114,7 @@ def fused_add_norm_row_kernel(
         o = y * rstd * _norm_scale(w_ptr, cols, mask, weight_offset, HAS_WEIGHT)
         if HAS_BIAS:
             o += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row_start + cols, o.to(out_dtype), mask=mask)
+        tl.store(out_ptr + cols, o.to(out_dtype), mask=mask)
     else:
         # Multi-pass over BLOCK_D chunks. Pass 1: gate statistics and z = h·downᵀ over the whole row.
         offs_r = tl.arange(0, R_PAD)
@@ -123,7 +128,7 @@ def fused_add_norm_row_kernel(
                 for start in range(0, D, BLOCK_D):
                     cols = start + tl.arange(0, BLOCK_D)
                     mask = cols < D
-                    h = _load_h(x_ptr, res_ptr, row_start + cols, mask, HAS_RESIDUAL)
+                    h = _load_h(x_ptr, res_ptr, cols, mask, HAS_RESIDUAL)
                     if HAS_GATE:
                         c = tl.load(gate_dir_ptr + k * D + cols, mask=mask, other=0.0).to(tl.float32)
                         proj += tl.sum(h * c, 0)
@@ -144,7 +149,7 @@ def fused_add_norm_row_kernel(
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             mask = cols < D
-            h = _load_h(x_ptr, res_ptr, row_start + cols, mask, HAS_RESIDUAL)
+            h = _load_h(x_ptr, res_ptr, cols, mask, HAS_RESIDUAL)
             if HAS_PATCH:
                 delta = tl.zeros([BLOCK_D], dtype=tl.float32)
                 if HAS_LOWRANK:
@@ -156,7 +161,7 @@ def fused_add_norm_row_kernel(
                     delta += tl.load(shift_ptr + k * D + cols, mask=mask, other=0.0).to(tl.float32)
                 h = tl.where(fires, h + delta, h)
             rounded = h.to(out_dtype)
-            tl.store(res_out_ptr + row_start + cols, rounded, mask=mask)
+            tl.store(res_out_ptr + cols, rounded, mask=mask)
             y = rounded.to(tl.float32)
             sum_y += tl.sum(y, 0)
             sumsq_y += tl.sum(y * y, 0)
@@ -168,7 +173,7 @@ def fused_add_norm_row_kernel(
             for start in range(0, D, BLOCK_D):
                 cols = start + tl.arange(0, BLOCK_D)
                 mask = cols < D
-                y = tl.load(res_out_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(res_out_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                 y = tl.where(mask, y - mean, 0.0)
                 var += tl.sum(y * y, 0)
             rstd = tl.rsqrt(var / D + eps)
@@ -177,13 +182,13 @@ def fused_add_norm_row_kernel(
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             mask = cols < D
-            y = tl.load(res_out_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(res_out_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             if IS_LAYER:
                 y = y - mean
             o = y * rstd * _norm_scale(w_ptr, cols, mask, weight_offset, HAS_WEIGHT)
             if HAS_BIAS:
                 o += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + row_start + cols, o.to(out_dtype), mask=mask)
+            tl.store(out_ptr + cols, o.to(out_dtype), mask=mask)
 
 
 @triton.jit
