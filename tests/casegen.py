@@ -127,7 +127,8 @@ def poisoned_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def assert_matches_reference(case: Case, out: torch.Tensor, residual_out: torch.Tensor) -> None:
-    exp_out, exp_res = case.expected()
+    # .cpu(): for device="cuda" cases the reference computes on the GPU (float64) too.
+    exp_out, exp_res = (t.cpu() for t in case.expected())
     rtol, atol = TOLERANCES[case.x.dtype]
     assert out.dtype == case.x.dtype and residual_out.dtype == case.x.dtype
     torch.testing.assert_close(residual_out.cpu().double(), exp_res, rtol=rtol, atol=atol,
