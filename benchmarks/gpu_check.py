@@ -52,20 +52,19 @@ def _parse(argv):
 
 # --- cases -----------------------------------------------------------------------------------------
 
-def make_inputs(N, D, variant, device, dtype):
+def make_bank(D, variant, device, dtype, seed=0):
+    """The PatchBank a timing variant uses (None for "none")."""
     import torch
 
     import fastpatch as fp
 
-    gen = torch.Generator().manual_seed(N * 31 + D)
+    gen = torch.Generator().manual_seed(seed * 7919 + D)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    x = randn(N, D).to(device=device, dtype=dtype)
-    r = randn(N, D).to(device=device, dtype=dtype)
-    w = (1 + 0.1 * randn(D)).to(device=device, dtype=dtype)
-    bank = index = None
+    if variant == "none":
+        return None
     if variant == "steer":
         bank = fp.PatchBank([fp.Steer(randn(D), scale=0.5)], D)
     elif variant == "lowrank16":
@@ -74,9 +73,25 @@ def make_inputs(N, D, variant, device, dtype):
         bank = fp.PatchBank([fp.Gated(fp.Steer(randn(D), scale=0.5), randn(D), 0.0, metric="cosine")], D)
     elif variant == "bank64_mixed":
         bank = fp.PatchBank([fp.Steer(randn(D), scale=0.5) for _ in range(64)], D)
-        index = torch.randint(-1, 64, (N,), generator=gen).to(device)
-    if bank is not None:
-        bank = bank.to(device, dtype)
+    else:
+        raise ValueError(variant)
+    return bank.to(device, dtype)
+
+
+def make_inputs(N, D, variant, device, dtype, bank=None):
+    """(x, residual, weight, bank, index) for one timing case; random data made on the device
+    (16384 × 8192 float64 on the host would take seconds per case)."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(N * 31 + D)
+    x = torch.randn(N, D, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    r = torch.randn(N, D, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    w = (1 + 0.1 * torch.randn(D, generator=gen, device=device, dtype=torch.float32)).to(dtype)
+    if bank is None:
+        bank = make_bank(D, variant, device, dtype)
+    index = None
+    if variant == "bank64_mixed":
+        index = torch.randint(-1, 64, (N,), generator=gen, device=device)
     return x, r, w, bank, index
 
 
@@ -181,7 +196,9 @@ def run_timings(device, ns, ds, variants, only=None, reps=20, log=print):
     impls = implementations(device, only)
     rows = []
     for D in ds:
+        banks = {v: make_bank(D, v, device, dtype) for v in variants}
         for N in ns:
+            cases = {v: make_inputs(N, D, v, device, dtype, bank=banks[v]) for v in variants}
             src = torch.empty(2 * N * D, dtype=dtype, device=device)
             dst = torch.empty_like(src)
             copy_ms = bench_ms(lambda: dst.copy_(src), device, reps)
@@ -189,10 +206,10 @@ def run_timings(device, ns, ds, variants, only=None, reps=20, log=print):
             for name, fn in impls.items():
                 base_ms = None
                 for variant in variants:
-                    x, r, w, bank, index = make_inputs(N, D, variant, device, dtype)
+                    x, r, w, bank, index = cases[variant]
                     row = dict(backend=name, variant=variant, N=N, D=D, dtype="bf16", bytes=nbytes,
                                copy_ms=copy_ms, roof_GBps=nbytes / copy_ms / 1e6)
-                    if name == "reference" and N * D * max(16, 1) > REFERENCE_MAX_ELEMENTS:
+                    if name == "reference" and N * D * 16 > REFERENCE_MAX_ELEMENTS:  # rank-16 gather
                         row.update(ms=None, skipped="reference: shape too large for the float64 oracle")
                         rows.append(row)
                         continue
@@ -210,6 +227,7 @@ def run_timings(device, ns, ds, variants, only=None, reps=20, log=print):
                     rows.append(row)
                     log(f"  {name:14} {variant:13} N={N:6} D={D:5} {ms * 1e3:9.1f} µs  "
                         f"{row['GBps']:8.1f} GB/s  {100 * row['frac_of_roof']:5.1f}% of copy")
+            del cases, src, dst
     return rows
 
 
