@@ -251,11 +251,11 @@ def model_bench_available() -> bool:
     return proc.returncode == 0
 
 
-def run_model_bench(device, log=print) -> dict:
+def run_model_bench(device, out_dir: Path, log=print) -> dict:
     if not model_bench_available():
         log("python -m fastpatch bench: not available here, skipped")
         return dict(skipped="python -m fastpatch bench is not available")
-    cmd = [sys.executable, "-m", "fastpatch", "bench", "--device", device]
+    cmd = [sys.executable, "-m", "fastpatch", "bench", "--device", device, "--out", str(out_dir)]
     log("$ " + " ".join(cmd))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     out = (proc.stdout + proc.stderr)[-8000:]
@@ -337,7 +337,8 @@ def main(argv=None) -> int:
     report["timings"] = run_timings(device, ns, ds, args.variants, only=args.backends,
                                     reps=3 if args.dry_run else 20)
     if not args.skip_model_bench:
-        report["model_bench"] = run_model_bench(device)
+        stamp = report["environment"]["date"][:19].replace(":", "").replace("-", "")
+        report["model_bench"] = run_model_bench(device, args.out_dir / f"model_bench_{device}_{stamp}")
     path = write_report(report, args.out_dir)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     failed = report["tests"] is not None and report["tests"]["returncode"] != 0
