@@ -255,6 +255,9 @@ def read_container(path) -> tuple:
         data = path.read_bytes()
     except OSError as exc:
         raise PatchFileError(f"{path}: cannot read the file: {exc}") from None
+    if data[:4] == b"GGUF":
+        raise PatchFileError(f"{path}: this is a GGUF file, not a fastpatch .safetensors patch file; "
+                             "read control vectors with fastpatch.import_gguf")
     if len(data) < 8:
         raise PatchFileError(f"{path}: truncated file ({len(data)} bytes; not even a safetensors header)")
     (n,) = struct.unpack("<Q", data[:8])

@@ -220,6 +220,11 @@ class Steer(Patch):
             return Steer(self.v, self.scale + other.scale)  # same direction: keep it, add the scales
         return Steer(self._effective() + other._effective(), 1.0)
 
+    def __radd__(self, other: Any) -> "Steer":
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+            return self  # lets sum([s1, s2, ...]) start from 0
+        return self.__add__(other)
+
     def __sub__(self, other: Any) -> "Steer":
         other = self._check_other(other, "-")
         if other is NotImplemented:

@@ -187,6 +187,7 @@ def test_steer_add_sub_mul_neg():
     ]:
         assert isinstance(expr, fp.Steer)
         _close(expr.apply(h), expect)
+    _close(sum([a, b, a]).apply(h), (a + b + a).apply(h))
     # Steer + Steer equals composing them (steering commutes)
     _close((a + b).apply(h), fp.compose(a, b).apply(h))
 

@@ -328,6 +328,8 @@ def test_not_a_patch_file(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     _expect_error(tmp_path / "plain.safetensors", "not a fastpatch patch file")
     _expect_error(tmp_path / "nothing.safetensors", "cannot read")
+    fp.export_gguf({"layers.1.resid_post": fp.Steer(torch.ones(D))}, tmp_path / "cv.gguf")
+    _expect_error(tmp_path / "cv.gguf", "import_gguf")
 
 
 def test_failed_load_changes_nothing_already_loaded(tmp_path, model):
