@@ -14,7 +14,7 @@ per-call times, medians of the paired ratios (patched/unpatched for cpp, baselin
 GB/s the cpp kernel achieves against the bytes it must move (x, residual in; out, residual_out
 out; norm weight; the bank rows the batch uses).
 
-    python benchmarks/bench_cpu.py                   # full grid, writes benchmarks/results/cpu_<date>.{json,md}
+    python benchmarks/bench_cpu.py                   # full grid -> benchmarks/results/cpu_<date>_t<threads>.{json,md}
     python benchmarks/bench_cpu.py --rows 1 8 --hidden 576 --repeats 5 --no-write
 """
 from __future__ import annotations
@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-ms", type=float, default=2.0, help="time per sample of one variant")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--tag", default=None, help="file name suffix (default: t<threads>)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     meta["load_average_after"] = list(os.getloadavg())
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"cpu_{meta['date'][:10]}"
+        stem = args.out / f"cpu_{meta['date'][:10]}_{args.tag or f't{torch.get_num_threads()}'}"
         stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, args=dict(
             rows=args.rows, hidden=args.hidden, dtypes=args.dtypes, repeats=args.repeats,
             block_ms=args.block_ms), results=results), indent=1))
