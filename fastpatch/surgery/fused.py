@@ -23,6 +23,7 @@ import inspect
 
 import torch
 
+from ..backends import reference_backend as _reference
 from ..reference import NORM_KINDS
 from .arch import get_path, norm_eps
 from .engine import Engine, kwargs_of
@@ -82,6 +83,7 @@ def _install_pre(engine: Engine, impl) -> list:
     targets = list(layers) + ([final_mod] if final_mod is not None else [])
     check_installable(targets)
     run = impl.run
+    ref_run = _reference.run
     drop = spec.drop_attn_kwargs
     tls = engine._tls
     current = engine.current
@@ -100,10 +102,13 @@ def _install_pre(engine: Engine, impl) -> list:
         w = mod.weight
         b = mod.bias if norm.has_bias else None
         s = step.slots[slot] if slot >= 0 else None
+        fn = run
+        if x2.requires_grad or (r2 is not None and r2.requires_grad):
+            fn = ref_run  # autograd: the kernels have no backward; the reference is plain torch ops
         if s is None:
-            o, r = run(x2, r2, w, b, norm.eps, norm.kind, norm.offset, None, None, None, None, None)
+            o, r = fn(x2, r2, w, b, norm.eps, norm.kind, norm.offset, None, None, None, None, None)
         else:
-            o, r = run(x2, r2, w, b, norm.eps, norm.kind, norm.offset, s[0], s[1], s[2], None, None)
+            o, r = fn(x2, r2, w, b, norm.eps, norm.kind, norm.offset, s[0], s[1], s[2], None, None)
         return o.view(x.shape), r.view(x.shape)
 
     def make_layer(i: int, block):
@@ -194,10 +199,11 @@ def _install_post(engine: Engine, impl) -> list:
             ln = norm.module
             slot = slot_of(step.plan)
             s = step.slots[slot] if slot >= 0 else None
+            fn = _reference.run if (x2.requires_grad or r2.requires_grad) else run
             if s is None:
-                o, r = run(x2, r2, ln.weight, ln.bias, norm.eps, norm.kind, 0.0, None, None, None, None, None)
+                o, r = fn(x2, r2, ln.weight, ln.bias, norm.eps, norm.kind, 0.0, None, None, None, None, None)
             else:
-                o, r = run(x2, r2, ln.weight, ln.bias, norm.eps, norm.kind, 0.0, s[0], s[1], s[2], None, None)
+                o, r = fn(x2, r2, ln.weight, ln.bias, norm.eps, norm.kind, 0.0, s[0], s[1], s[2], None, None)
             if step.pending is not None:
                 engine.decide(step, key, r.view(x.shape))
             return o.view(x.shape)
@@ -221,10 +227,11 @@ def _install_post(engine: Engine, impl) -> list:
         slot = step.plan.pre_slot
         s = step.slots[slot] if slot >= 0 else None
         ln = norm0.module
+        fn = _reference.run if x2.requires_grad else run
         if s is None:
-            o, r = run(x2, None, ln.weight, ln.bias, norm0.eps, norm0.kind, 0.0, None, None, None, None, None)
+            o, r = fn(x2, None, ln.weight, ln.bias, norm0.eps, norm0.kind, 0.0, None, None, None, None, None)
         else:
-            o, r = run(x2, None, ln.weight, ln.bias, norm0.eps, norm0.kind, 0.0, s[0], s[1], s[2], None, None)
+            o, r = fn(x2, None, ln.weight, ln.bias, norm0.eps, norm0.kind, 0.0, s[0], s[1], s[2], None, None)
         if step.pending is not None:
             engine.decide(step, ("pre", 0), r.view(x.shape))
         return o.view(x.shape)
