@@ -81,14 +81,14 @@ def load_model(name: str = "smollm2", dtype=torch.float32, device: Optional[str]
     return model.eval(), tok
 
 
-def load_prompts(path=None) -> dict:
+def load_prompts(path=None, *, require_pairs: bool = True) -> dict:
     """The prompt file: {"pairs": [{"positive", "negative"}], "targets", "neutral", "continuations", ...}."""
     path = Path(path) if path else DATA
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if isinstance(data, list):  # a bare list of pairs
         data = {"pairs": data}
-    if not isinstance(data, dict) or not data.get("pairs"):
+    if not isinstance(data, dict) or (require_pairs and not data.get("pairs")):
         raise ValueError(f"{path}: expected a JSON list of pairs or an object with a 'pairs' list")
     return data
 

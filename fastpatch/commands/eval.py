@@ -50,7 +50,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, device=args.device)
     patches = fastpatch.load(args.patch, model=model, force=args.force)
-    data = load_prompts(args.prompts) if args.prompts else load_prompts()
+    data = load_prompts(args.prompts, require_pairs=False)
     targets, neutral = data.get("targets"), data.get("neutral")
     if not targets or not neutral:
         print("fastpatch eval: the prompts file needs non-empty 'targets' and 'neutral' lists")
