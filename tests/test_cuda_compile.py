@@ -287,3 +287,16 @@ def test_emulated_weight_variants(emulator):
                                                        weight_offset=offset, **kw)
         torch.testing.assert_close(res_out.double(), exp_res, rtol=2e-2, atol=3e-2)
         torch.testing.assert_close(out.double(), exp_out, rtol=2e-2, atol=3e-2)
+
+
+def test_backend_reports_unavailable_without_cuda_torch():
+    from fastpatch.backends import cuda
+
+    assert not cuda.is_available("cpu")
+    assert "CUDA tensors only" in cuda.why_unavailable("cpu")
+    if not (torch.version.cuda and torch.cuda.is_available()):
+        assert not cuda.is_available("cuda")
+        assert cuda.why_unavailable("cuda") != "available"
+        x = torch.randn(2, 8)
+        with pytest.raises(ValueError, match="cuda"):
+            fp.fused_add_norm(x, None, None, backend="cuda")
