@@ -55,21 +55,26 @@ def test_run_demo_lifecycle_on_tiny_model(tmp_path):
 
 
 def test_fit_and_eval_commands(tmp_path, capsys):
+    data = load_prompts()
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"pairs": data["pairs"][:5], "targets": data["targets"][:2],
+                                   "neutral": data["neutral"][:3], "continuations": [" great"]}))
     path = tmp_path / "tiny.safetensors"
     assert cli.main(["fit", "--model", "tiny", "--site", "layers.1.resid_post", "--out", str(path),
-                     "--no-progress", "--scale", "2"]) == 0
-    assert "mean_diff patch at layers.1.resid_post from 40 pairs" in capsys.readouterr().out
+                     "--pairs", str(prompts), "--no-progress", "--scale", "2"]) == 0
+    assert "mean_diff patch at layers.1.resid_post from 5 pairs" in capsys.readouterr().out
     loaded = fastpatch.load(path)
     assert isinstance(loaded["layers.1.resid_post"], fastpatch.Steer)
-    assert cli.main(["eval", str(path), "--model", "tiny"]) == 0
+    assert cli.main(["eval", str(path), "--model", "tiny", "--prompts", str(prompts)]) == 0
     assert "neutral KL" in capsys.readouterr().out
     report = tmp_path / "r.json"
-    assert cli.main(["eval", str(path), "--model", "tiny", "--metric", "logprob", "--json", str(report)]) == 0
+    assert cli.main(["eval", str(path), "--model", "tiny", "--prompts", str(prompts), "--metric", "logprob",
+                     "--json", str(report)]) == 0
     rep = json.loads(report.read_text())
-    assert rep["metric"] == "logprob" and rep["num_neutral"] == 6
+    assert rep["metric"] == "logprob" and rep["num_neutral"] == 3
     assert cli.main(["fit", "--model", "tiny", "--site", "layers.0.resid_mid", "--method", "lowrank",
                      "--rank", "2", "--ridge", "0.1", "--out", str(tmp_path / "lr.safetensors"),
-                     "--no-progress"]) == 0
+                     "--pairs", str(prompts), "--no-progress"]) == 0
     assert fastpatch.load(tmp_path / "lr.safetensors")["layers.0.resid_mid"].rank == 2
 
 
