@@ -3,7 +3,6 @@ import importlib.util
 import json
 
 import pytest
-import torch
 
 import fastpatch
 from fastpatch import cli
