@@ -136,6 +136,9 @@ def evaluate(model, tokenizer, patches: dict, target_prompts: Sequence, neutral_
     ``patches`` is {site: patch} (one patch per site; what :func:`fastpatch.apply` takes). The model
     is patched with :func:`fastpatch.apply` (the hooks implementation for architectures without a
     fused one) and unpatched again before returning. Prompts are strings or token id lists.
+
+    ``read_site`` should be a ``resid_post`` (or ``resid_pre``) site: with the fused implementation a
+    recorded ``resid_mid`` is the value before that site's own patch (see :func:`fastpatch.hooks.record`).
     """
     from tqdm.auto import tqdm
 
