@@ -13,7 +13,9 @@ from typing import Optional
 
 import torch
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+from ._sources import csrc_dir
+
+_CSRC = csrc_dir()
 _SOURCES = [_CSRC / "cpu" / "fused_add_norm.cpp"]
 
 # at::vec is a header library: the capability macro picks the vector width it compiles to.

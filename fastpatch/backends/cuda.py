@@ -15,7 +15,9 @@ from typing import Optional
 
 import torch
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+from ._sources import csrc_dir
+
+_CSRC = csrc_dir()
 _CUDA_DIR = _CSRC / "cuda"
 # One .cu file per activation dtype: ninja compiles them in parallel.
 _SOURCES = [_CUDA_DIR / "binding.cpp", _CUDA_DIR / "fused_add_norm_f32.cu",
