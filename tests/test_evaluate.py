@@ -102,3 +102,18 @@ def test_patch_direction_and_errors(llama):
         evaluate(llama, None, {"layers.0.resid_post": fastpatch.Steer(v)}, [[1]], [[2]], metric="logprob")
     with pytest.raises(ValueError, match="non-empty"):
         evaluate(llama, None, {}, [[1]], [[2]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gpt2", "qwen3"])
+def test_other_architectures(arch):
+    from fastpatch.fit import collect, mean_difference
+
+    model = tiny_model(arch)
+    site = "layers.0.resid_post"
+    pos, neg = _prompts(4, 20), _prompts(4, 21)
+    v = mean_difference(collect(model, None, pos, site, progress=False)[site],
+                        collect(model, None, neg, site, progress=False)[site]).float()
+    rep = evaluate(model, None, {site: fastpatch.Steer(v, 2.0)}, _prompts(3, 22), _prompts(3, 23))
+    assert rep.effect == pytest.approx(2.0 * float(v.norm()), rel=1e-3)
+    assert rep.kl_mean > 0
