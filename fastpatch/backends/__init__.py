@@ -58,18 +58,39 @@ def available(device) -> list[str]:
     return names
 
 
+# (backend name or None, device type) -> module, filled by eager calls. Availability checks may
+# build an extension, which torch.compile cannot trace: compiled code only looks up this table.
 _resolved: dict = {}
 
 
 def resolve(backend, device: torch.device) -> ModuleType:
+    key = (backend, device.type)
+    module = _resolved.get(key)
+    if module is not None:
+        return module
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"fastpatch backend {backend!r} for {device.type} is not initialised yet: call "
+            f"fastpatch.backends.prepare({device.type!r}, {backend!r}) (or run once eagerly) before torch.compile")
     if backend is None:
-        key = device.type
-        if key not in _resolved:
-            names = available(device)
-            _resolved[key] = load(names[0] if names else "reference")
-        return _resolved[key]
-    module = load(backend)
-    if not module.is_available(device):
-        raise ValueError(f"backend {backend!r} is not available for device {device} here: "
-                         f"{getattr(module, 'why_unavailable', lambda d: 'unsupported device')(device)}")
+        names = available(device)
+        module = load(names[0] if names else "reference")
+    else:
+        module = load(backend)
+        if not module.is_available(device):
+            raise ValueError(f"backend {backend!r} is not available for device {device} here: "
+                             f"{getattr(module, 'why_unavailable', lambda d: 'unsupported device')(device)}")
+    _resolved[key] = module
     return module
+
+
+def prepare(device="cpu", backend=None) -> str:
+    """Build/load a backend now (e.g. before torch.compile); returns the backend's name."""
+    module = resolve(backend, torch.device(device))
+    return module.__name__.rsplit(".", 1)[-1].replace("_backend", "")
+
+
+# The light backend modules are imported up front: torch.compile cannot trace importlib, so a
+# compiled first call would otherwise fail. Triton's module imports triton (~0.3 s) and stays lazy.
+for _name in ("reference", "cpp", "cuda"):
+    load(_name)
