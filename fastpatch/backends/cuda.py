@@ -10,7 +10,6 @@ registered op ``torch.ops.fastpatch.fused_add_norm_cuda`` (with a fake impl) is 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Optional
 
 import torch

@@ -5,7 +5,6 @@ import threading
 from contextlib import contextmanager
 from typing import Optional
 
-import torch
 
 from .. import backends
 from .engine import Engine, build_plan, step_inputs

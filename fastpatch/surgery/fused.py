@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 
 from ..backends import reference_backend as _reference
 from ..reference import NORM_KINDS
