@@ -28,8 +28,8 @@ class BenchConfig:
     intermediate: int = 1408
     vocab: int = 8192
     batch: int = 4
-    prompt_len: int = 64
-    new_tokens: int = 32
+    prompt_len: int = 32
+    new_tokens: int = 128
     repeats: int = 7
     rank: int = 16
     bank_size: int = 8
