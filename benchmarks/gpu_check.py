@@ -187,11 +187,21 @@ def implementations(device, only=None):
 
 
 def run_timings(device, ns, ds, variants, only=None, reps=20, log=print):
-    import torch
-
     import fastpatch as fp
 
-    fp.ops.config.check_index_values = False  # the index check syncs the host: not part of the kernel
+    # The index check syncs the host: not part of the kernel. Restored afterwards so a caller in
+    # the same process (the test suite) keeps its checks.
+    saved = fp.ops.config.check_index_values
+    fp.ops.config.check_index_values = False
+    try:
+        return _run_timings(device, ns, ds, variants, only, reps, log)
+    finally:
+        fp.ops.config.check_index_values = saved
+
+
+def _run_timings(device, ns, ds, variants, only, reps, log):
+    import torch
+
     dtype = torch.bfloat16
     impls = implementations(device, only)
     rows = []
