@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ._flat_call import call_flat
 from ._sources import csrc_dir
 
 _CSRC = csrc_dir()
@@ -112,21 +113,5 @@ def run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, inde
     if _op is None:
         op()
     call = _op if torch.compiler.is_compiling() else _direct
-    if out is None:
-        out = torch.empty_like(x2d)
-    if residual_out is None:
-        residual_out = torch.empty_like(x2d)
-    if bank is None:
-        call(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, None, None, None, None,
-             None, None, None, None, None, out, residual_out)
-    else:
-        # Parts no patch uses are passed as None so the kernel skips them: rank 0 -> no dots,
-        # no shift -> no shift load, no gate -> no gate statistics.
-        low_rank = bank.rank > 0
-        gated = bank.has_gate
-        call(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset,
-             bank.down if low_rank else None, bank.bias if low_rank else None,
-             bank.up if low_rank else None, bank.shift if bank.has_shift else None,
-             bank.gate_dir if gated else None, bank.gate_threshold if gated else None,
-             bank.gate_mode, index, fire_counts, out, residual_out)
-    return out, residual_out
+    return call_flat(call, x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index,
+                     fire_counts, out, residual_out)
