@@ -3,7 +3,7 @@
 For every rows × hidden × dtype group it times, round-robin (each repeat runs every variant once,
 back to back, so load from other processes hits them alike):
 
-  cpp         fastpatch.backends.cpp.run: the kernel plus its thin Python binding
+  cpp         fastpatch.kernels.backends.cpp.run: the kernel plus its thin Python binding
   cpp_public  fastpatch.fused_add_norm(..., backend="cpp"): plus the public op's input checks
   torch_ops   x + residual, the patch as torch ops, F.rms_norm
   hf_style    x + residual, the patch as torch ops, RMSNorm written as Hugging Face's LlamaRMSNorm
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fastpatch as fp  # noqa: E402
-from fastpatch.backends import cpp  # noqa: E402
+from fastpatch.kernels.backends import cpp  # noqa: E402
 
 CONFIGS = ("none", "steer", "rank16", "gated", "bank8")
 IMPLS = ("cpp", "cpp_public", "torch_ops", "hf_style")

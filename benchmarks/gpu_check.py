@@ -7,7 +7,7 @@
 
 Steps:
 1. ``pytest -m "gpu or not slow" tests`` (every GPU backend against the reference).
-2. Kernel timings, bf16, N × D grid, for every backend in ``fastpatch.backends.available("cuda")``
+2. Kernel timings, bf16, N × D grid, for every backend in ``fastpatch.kernels.backends.available("cuda")``
    (new backends are picked up automatically) plus ``torch_unfused`` (the same maths as separate
    torch ops, HF style); patch variants: none / steer / rank-16 low-rank / gated steer / a 64-patch
    steering bank with a mixed per-row index. Roof: a device ``copy_`` moving the same bytes
@@ -167,7 +167,7 @@ def bench_ms(fn, device, reps):
 def implementations(device, only=None):
     """name -> callable(x, r, w, bank, index): every available fastpatch backend plus torch_unfused."""
     import fastpatch as fp
-    from fastpatch import backends
+    from fastpatch.kernels import backends
 
     names = list(backends.available(device))
     if "triton" not in names:  # CPU preference lists omit triton; the dry run still exercises it
@@ -191,12 +191,12 @@ def run_timings(device, ns, ds, variants, only=None, reps=20, log=print):
 
     # The index check syncs the host: not part of the kernel. Restored afterwards so a caller in
     # the same process (the test suite) keeps its checks.
-    saved = fp.ops.config.check_index_values
-    fp.ops.config.check_index_values = False
+    saved = fp.config.check_index_values
+    fp.config.check_index_values = False
     try:
         return _run_timings(device, ns, ds, variants, only, reps, log)
     finally:
-        fp.ops.config.check_index_values = saved
+        fp.config.check_index_values = saved
 
 
 def _run_timings(device, ns, ds, variants, only, reps, log):

@@ -1,19 +1,18 @@
 """fastpatch: activation patches fused into the residual add + norm a transformer runs anyway."""
-from .bank import PatchBank, as_bank
-from .ops import config, fused_add_norm
-from .patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LoReFT, LowRank, Patch, Steer
-from .scope import Scope, Scoped
-from . import reference
-from .surgery import Handle, apply, patched
-from . import cast, hooks
-from .algebra import compose
-from .fingerprint import fingerprint
-from .io import ModelMismatchError, PatchFileError, load, save
-from .gguf_io import export_gguf, import_gguf
-from . import evaluate, fit
-from .registry import Registry
-
-__version__ = "0.1.0"
+# The public API, one import per layer (core -> kernels -> files -> integrations -> lifecycle);
+# docs/architecture.md says what lives where.
+from .core import reference
+from .core.algebra import compose
+from .core.bank import PatchBank, as_bank
+from .core.patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LoReFT, LowRank, Patch, Steer
+from .core.scope import Scope, Scoped
+from .kernels.ops import config, fused_add_norm
+from .files.fingerprint import fingerprint
+from .files.patch_file import ModelMismatchError, PatchFileError, load, save
+from .files.gguf_io import export_gguf, import_gguf
+from .integrations.hf import Handle, apply, cast, hooks, patched
+from .lifecycle import Registry, evaluate, fit
+from .core.version import __version__
 
 __all__ = [
     "Ablate", "CanonicalPatch", "Clamp", "Gate", "Gated", "LoReFT", "LowRank", "Patch", "PatchBank",

@@ -31,7 +31,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # must happen before any @triton.jit r
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastpatch.triton_ops import dispatch  # noqa: E402  (pure Python)
+from fastpatch.kernels.triton_ops import dispatch  # noqa: E402  (pure Python)
 
 TYPE_NAMES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
@@ -111,7 +111,7 @@ def compile_one(job) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fastpatch.triton_ops import fused_add_norm as k
+    from fastpatch.kernels.triton_ops import fused_add_norm as k
 
     fn = k.KERNELS[config.kernel]
     constexprs = dict(VARIANTS[variant])

@@ -73,5 +73,5 @@ def tiny_model(arch: str, dtype=torch.float32, seed: int = 0):
     return model.to(dtype).eval()
 
 
-from fastpatch.models import (SMOLLM_GGUF, cache_dir, load_minilm, load_smollm2,  # noqa: F401
+from fastpatch.app.models import (SMOLLM_GGUF, cache_dir, load_minilm, load_smollm2,  # noqa: F401
                               smollm2_checkpoint, smollm2_folder)

@@ -1,7 +1,7 @@
 """`fastpatch bench` end to end on a tiny model: every variant timed, files written, table printed."""
 import json
 
-from fastpatch.cli import main
+from fastpatch.app.cli import main
 
 TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
         "--vocab", "256", "--batch", "3", "--prompt-len", "8", "--new-tokens", "3", "--repeats", "2",

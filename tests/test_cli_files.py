@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastpatch as fp
-from fastpatch.cli import main
+from fastpatch.app.cli import main
 from models import tiny_model
 
 D = 64
@@ -83,7 +83,7 @@ def test_convert_to_gguf_and_back(tmp_path, steer_file, capsys):
     gguf_path = tmp_path / "steer.gguf"
     assert main(["convert", str(steer_file), str(gguf_path), "--scale", "0.5"]) == 0
     assert "wrote" in capsys.readouterr().out
-    from fastpatch.gguf_io import read_gguf
+    from fastpatch.files.gguf_io import read_gguf
 
     info = read_gguf(gguf_path)
     assert info["model_hint"] == "llama"  # from the recorded fingerprint

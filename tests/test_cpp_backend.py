@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import fastpatch as fp
-from fastpatch import backends
-from fastpatch.backends import cpp
+from fastpatch.kernels import backends
+from fastpatch.kernels.backends import cpp
 
 from casegen import DTYPES, TOLERANCES, assert_matches_reference, make_case, poisoned_like, run_backend
 

@@ -8,7 +8,7 @@ import torch
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from fastpatch.backends import cpp  # noqa: E402
+from fastpatch.kernels.backends import cpp  # noqa: E402
 
 from casegen import DTYPES, KINDS, assert_matches_reference, make_case, run_backend  # noqa: E402
 

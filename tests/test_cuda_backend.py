@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastpatch as fp
-from fastpatch.backends import cuda
+from fastpatch.kernels.backends import cuda
 
 from casegen import DTYPES, TOLERANCES, assert_matches_reference, make_case, poisoned_like, run_backend
 
@@ -188,12 +188,12 @@ def test_misaligned_view_uses_scalar_path():
 def test_out_of_range_index_is_no_patch():
     case = _case(8, 64, torch.float32, "steer", False, "mixed")
     case.index = torch.tensor([0, -1, 3, 99, -7, 2, 1, 2**40], dtype=torch.int64, device="cuda")
-    fp.ops.config.check_index_values = False
+    fp.config.check_index_values = False
     try:
         fc = torch.zeros(3, dtype=torch.int32, device="cuda")
         out, res_out = run_backend(case, "cuda", fire_counts=fc)
     finally:
-        fp.ops.config.check_index_values = True
+        fp.config.check_index_values = True
     assert fc.cpu().tolist() == [1, 1, 1]
     assert_matches_reference(case, out, res_out)
 

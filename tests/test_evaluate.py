@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastpatch
-from fastpatch.evaluate import evaluate, patch_direction
+from fastpatch.lifecycle.evaluation import evaluate, patch_direction
 
 from models import tiny_model
 
@@ -107,7 +107,7 @@ def test_patch_direction_and_errors(llama):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "gpt2", "qwen3"])
 def test_other_architectures(arch):
-    from fastpatch.fit import collect, mean_difference
+    from fastpatch.lifecycle.fitting import collect, mean_difference
 
     model = tiny_model(arch)
     site = "layers.0.resid_post"

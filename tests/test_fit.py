@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from fastpatch import fit as F
-from fastpatch.patches import Ablate, Clamp, LowRank, Steer
+from fastpatch.lifecycle import fitting as F
+from fastpatch.core.patches import Ablate, Clamp, LowRank, Steer
 
 from models import tiny_model
 
@@ -23,7 +23,7 @@ def llama():
 
 def _direct(model, prompt, site_layer=1):
     """The activation at layers.1.resid_mid of one unpadded prompt, by running the layers by hand."""
-    from fastpatch.hooks import record
+    from fastpatch.integrations.hf.hooks import record
 
     with torch.no_grad(), record(model, [SITE]) as acts:
         model(input_ids=torch.tensor([prompt]))

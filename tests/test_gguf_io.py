@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastpatch as fp
-from fastpatch.gguf_io import direction_index, read_gguf
+from fastpatch.files.gguf_io import direction_index, read_gguf
 
 gguf = pytest.importorskip("gguf")
 

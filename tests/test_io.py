@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fastpatch as fp
-from fastpatch.io import KEY_FORMAT_VERSION, KEY_MANIFEST, payload_sha256
+from fastpatch.files.patch_file import KEY_FORMAT_VERSION, KEY_MANIFEST, payload_sha256
 from casegen import KINDS, make_patch
 from models import tiny_model
 

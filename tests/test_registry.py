@@ -8,7 +8,7 @@ import torch
 
 import fastpatch
 from fastpatch import reference
-from fastpatch.registry import Registry, content_hash, parse_version, read_audit
+from fastpatch.lifecycle.registry import Registry, content_hash, parse_version, read_audit
 
 from models import tiny_model
 

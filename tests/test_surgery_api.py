@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fastpatch as fp
-from fastpatch.cast import Condition, Conditional
-from fastpatch.surgery import UnsupportedModelError
+from fastpatch.integrations.hf.cast import Condition, Conditional
+from fastpatch.integrations.hf import UnsupportedModelError
 from models import tiny_model
 from surgery_util import assert_close, forward, greedy, hidden, patch_of
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastpatch as fp
-from fastpatch.cast import Condition, Conditional
+from fastpatch.integrations.hf.cast import Condition, Conditional
 from models import tiny_model
 from surgery_util import assert_close, greedy, hidden, patch_of
 

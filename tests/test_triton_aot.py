@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from fastpatch.triton_ops import dispatch  # noqa: E402
+from fastpatch.kernels.triton_ops import dispatch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "triton_aot_report.py"

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import fastpatch as fp
-from fastpatch import backends
+from fastpatch.kernels import backends
 from casegen import DTYPES, KINDS, TOLERANCES, assert_matches_reference, make_case, run_backend
 
-triton_backend = pytest.importorskip("fastpatch.backends.triton_backend")
-from fastpatch.triton_ops import dispatch  # noqa: E402
+triton_backend = pytest.importorskip("fastpatch.kernels.backends.triton_backend")
+from fastpatch.kernels.triton_ops import dispatch  # noqa: E402
 
 ALL_KINDS = KINDS + ("mix",)
 gpu = pytest.mark.gpu
@@ -151,7 +151,7 @@ def test_outputs_may_alias_inputs(device, alias, path, monkeypatch):
 
 @pytest.mark.parametrize("index_dtype", (torch.int32, torch.int64), ids=_id)
 def test_out_of_range_index_means_no_patch(device, index_dtype, monkeypatch):
-    monkeypatch.setattr(fp.ops.config, "check_index_values", False)
+    monkeypatch.setattr(fp.config, "check_index_values", False)
     case = make_case(6, 64, torch.float32, kind="steer", index_mode="mixed", num_patches=3, device=device)
     bad = torch.tensor([3, -2, 2**31 - 1 if index_dtype == torch.int32 else 2**40, -(2**31), 0, 100],
                        dtype=index_dtype, device=device)
@@ -231,7 +231,7 @@ def test_all_configs_covers_select():
 
 def test_availability_messages():
     assert "triton" in backends.available("cuda") or not torch.cuda.is_available()
-    if triton_backend._interpreting():
+    if triton_backend.interpreting():
         assert triton_backend.is_available("cpu")
     else:
         assert "TRITON_INTERPRET" in triton_backend.why_unavailable("cpu")

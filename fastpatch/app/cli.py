@@ -1,4 +1,4 @@
-"""`fastpatch` command line: one sub-command per module in fastpatch.commands."""
+"""`fastpatch` command line: one sub-command per module in fastpatch.app.commands."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +13,9 @@ def _load_commands():
     commands = []
     for name in COMMAND_MODULES:
         try:
-            commands.append(importlib.import_module(f"fastpatch.commands.{name}"))
+            commands.append(importlib.import_module(f"fastpatch.app.commands.{name}"))
         except ModuleNotFoundError as exc:
-            if exc.name != f"fastpatch.commands.{name}":
+            if exc.name != f"fastpatch.app.commands.{name}":
                 raise
     return commands
 

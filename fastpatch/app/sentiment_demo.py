@@ -1,7 +1,7 @@
 """The patch lifecycle end to end on a real model (SmolLM2-135M-Instruct, CPU, a few minutes):
 
 fit a sentiment steering vector from contrastive prompt pairs → greedy generations without and with
-it → :func:`fastpatch.evaluate.evaluate` (target effect, neutral-prompt KL) → save / load the patch
+it → :func:`fastpatch.evaluate` (target effect, neutral-prompt KL) → save / load the patch
 file → serve it through a :class:`fastpatch.Registry` → hot-swap a stronger version → roll back →
 audit log and fire-count telemetry.
 
@@ -96,7 +96,7 @@ def greedy(model, tok, question: str, max_new_tokens: int) -> str:
 
 def generate(model, tok, questions, max_new_tokens: int) -> list:
     """Greedy continuations of chat-formatted questions of equal token length (no padding needed)."""
-    from .fit import pad_batch, tokenize
+    from ..lifecycle.fitting import pad_batch, tokenize
 
     tokens = tokenize(tok, [chat(tok, q) for q in questions])
     if len({len(t) for t in tokens}) != 1:
@@ -115,8 +115,8 @@ def run_demo(model=None, tokenizer=None, *, site: str = DEFAULT_SITE, scale: flo
              progress: bool = True, echo=print) -> dict:
     """Run the demonstration; returns what it printed as data (generations, reports, audit)."""
     import fastpatch
-    from .evaluate import evaluate
-    from .fit import fit
+    from ..lifecycle.evaluation import evaluate
+    from ..lifecycle.fitting import fit
 
     t0 = time.perf_counter()
     if model is None:
@@ -166,8 +166,8 @@ def _lifecycle(model, tok, patch, site, scale, data, out_dir, max_new_tokens, ec
     import tempfile
 
     import fastpatch
-    from .patches import Steer
-    from .registry import Registry
+    from ..core.patches import Steer
+    from ..lifecycle.registry import Registry
 
     out = Path(out_dir or tempfile.mkdtemp(prefix="fastpatch-demo-"))
     out.mkdir(parents=True, exist_ok=True)

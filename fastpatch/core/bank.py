@@ -18,7 +18,7 @@ class PatchBank:
     - ``down`` [P, R, D], ``bias`` [P, R], ``up`` [P, R, D]: the low-rank part (R may be 0)
     - ``shift`` [P, D]: the constant part
     - ``gate_dir`` [P, D] (unit condition vectors, zero rows for ungated patches),
-      ``gate_threshold`` [P] float32, ``gate_mode`` [P] int32 (``fastpatch.patches.GATE_*``)
+      ``gate_threshold`` [P] float32, ``gate_mode`` [P] int32 (``fastpatch.core.patches.GATE_*``)
 
     Float tensors are in ``self.dtype`` (float32 by default); ``gate_threshold`` is always
     float32. Validation (shapes, finite values) happens once, here.

@@ -6,7 +6,7 @@ Every patch, whatever its kind, acts on a residual-stream row h in R^D as
 
 with ``down`` and ``up`` of shape [r, D] (r may be 0), ``bias`` [r], ``shift`` [D]
 and a gate g(h) in {0, 1}. Backends only ever see that form (stacked into a
-:class:`~fastpatch.bank.PatchBank`), so adding a patch kind never touches a kernel.
+:class:`~fastpatch.core.bank.PatchBank`), so adding a patch kind never touches a kernel.
 """
 from __future__ import annotations
 

@@ -28,9 +28,9 @@ from typing import Optional
 
 import torch
 
-from .io import PatchFileError
-from .patches import CanonicalPatch, Gated, Patch, Steer
-from .scope import Scoped
+from .patch_file import PatchFileError
+from ..core.patches import CanonicalPatch, Gated, Patch, Steer
+from ..core.scope import Scoped
 
 ARCH = "controlvector"
 KEY_MODEL_HINT = f"{ARCH}.model_hint"

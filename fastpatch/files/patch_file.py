@@ -31,9 +31,9 @@ from typing import Any, Optional
 
 import torch
 
-from .bank import PatchBank
-from .patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LoReFT, LowRank, Patch, Steer
-from .scope import Scope, Scoped
+from ..core.bank import PatchBank
+from ..core.patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LoReFT, LowRank, Patch, Steer
+from ..core.scope import Scope, Scoped
 
 FORMAT = "fastpatch-patch-set"
 FORMAT_VERSION = 1
@@ -239,7 +239,7 @@ def _hidden_of(value: Any) -> Optional[int]:
 
 
 def _fastpatch_version() -> str:
-    from . import __version__
+    from ..core.version import __version__
 
     return __version__
 

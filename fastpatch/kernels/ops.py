@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from . import backends
-from .bank import PatchBank
-from .reference import NORM_KINDS
+from ..core.bank import PatchBank
+from ..core.reference import NORM_KINDS
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

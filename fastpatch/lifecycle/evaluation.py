@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .fit import _pad_id, pad_batch, pool, tokenize
-from .patches import to_canonical
+from .fitting import pad_batch, pad_token_id, pool, tokenize
+from ..core.patches import to_canonical
 
 METRICS = ("projection", "logprob")
 
@@ -91,7 +91,7 @@ def _batches(tokens, batch_size):
 
 
 def _projections(model, tokens, pad_id, read_site, u, position, batch_size, device) -> torch.Tensor:
-    from .hooks import record
+    from ..integrations.hf.hooks import record
 
     out = []
     for chunk in _batches(tokens, batch_size):
@@ -142,7 +142,7 @@ def evaluate(model, tokenizer, patches: dict, target_prompts: Sequence, neutral_
     """
     from tqdm.auto import tqdm
 
-    from .surgery import apply
+    from ..integrations.hf import apply
 
     if not isinstance(patches, dict) or not patches:
         raise ValueError("patches must be a non-empty {site: patch} dict")
@@ -153,7 +153,7 @@ def evaluate(model, tokenizer, patches: dict, target_prompts: Sequence, neutral_
     targets, neutrals = tokenize(tokenizer, target_prompts), tokenize(tokenizer, neutral_prompts)
     if not targets or not neutrals:
         raise ValueError("evaluate() needs at least one target prompt and one neutral prompt")
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     live = {s: p for s, p in patches.items() if p is not None}
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .patches import Ablate, Clamp, LowRank, Patch, Steer
+from ..core.patches import Ablate, Clamp, LowRank, Patch, Steer
 
 POSITIONS = ("last", "mean")
 METHODS = ("mean_diff", "pca", "ablate", "clamp", "lowrank")
@@ -87,7 +87,7 @@ def collect(model, tokenizer, prompts: Sequence, sites, *, position: str = "last
     """
     from tqdm.auto import tqdm
 
-    from .hooks import record
+    from ..integrations.hf.hooks import record
 
     sites = [sites] if isinstance(sites, str) else list(sites)
     if not sites:
@@ -99,7 +99,7 @@ def collect(model, tokenizer, prompts: Sequence, sites, *, position: str = "last
     tokens = tokenize(tokenizer, prompts)
     if not tokens:
         raise ValueError("collect() needs at least one prompt")
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     device = _device_of(model)
     rows = {s: [] for s in sites}
     starts = range(0, len(tokens), batch_size)
@@ -113,7 +113,7 @@ def collect(model, tokenizer, prompts: Sequence, sites, *, position: str = "last
     return {s: torch.cat(v) for s, v in rows.items()}
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
     for name in ("pad_token_id", "eos_token_id"):
         v = getattr(tokenizer, name, None) if tokenizer is not None else None
         if v is not None:

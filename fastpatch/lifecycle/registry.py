@@ -32,8 +32,8 @@ from typing import Optional
 
 import torch
 
-from .bank import PatchBank
-from .patches import CanonicalPatch, Patch, Steer, to_canonical
+from ..core.bank import PatchBank
+from ..core.patches import CanonicalPatch, Patch, Steer, to_canonical
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
 
@@ -214,7 +214,7 @@ class Registry:
                fallback: Optional[str] = "hooks", count_fires: bool = True,
                actor: Optional[str] = None):
         """Patch ``model`` with a version of ``name`` (default the latest); returns the handle."""
-        from .surgery import apply
+        from ..integrations.hf import apply
 
         with self._lock:
             if self._handle is not None:

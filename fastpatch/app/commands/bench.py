@@ -53,7 +53,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
-    from ..bench import BenchConfig, format_table, run_bench, write_results
+    from ..model_bench import BenchConfig, format_table, run_bench, write_results
 
     if args.threads:
         torch.set_num_threads(args.threads)

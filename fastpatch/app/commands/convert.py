@@ -45,8 +45,8 @@ def _kind(path: str) -> str:
 
 
 def run(args) -> int:
-    from ..gguf_io import export_gguf, import_gguf
-    from ..io import PatchFileError, load, read_manifest, save
+    from ...files.gguf_io import export_gguf, import_gguf
+    from ...files.patch_file import PatchFileError, load, read_manifest, save
 
     try:
         src, dst = _kind(args.input), _kind(args.output)

@@ -22,7 +22,7 @@ examples:
 
 
 def add_arguments(p) -> None:
-    from ..demo import DEFAULT_SCALE, DEFAULT_SITE
+    from ..sentiment_demo import DEFAULT_SCALE, DEFAULT_SITE
 
     p.add_argument("--site", default=DEFAULT_SITE, help=f"site to steer (default {DEFAULT_SITE})")
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help=f"steering scale (default {DEFAULT_SCALE})")
@@ -41,7 +41,7 @@ def run(args) -> int:
 
     import torch
 
-    from ..demo import run_demo
+    from ..sentiment_demo import run_demo
 
     if args.threads:
         torch.set_num_threads(args.threads)

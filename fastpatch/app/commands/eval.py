@@ -14,7 +14,7 @@ unpatched:
                   neutral prompts (mean, last token, worst prompt) and top-1 agreement
 
 Prompts come from a JSON file with "targets" and "neutral" lists (and optionally "continuations");
-the built-in fastpatch/data/sentiment_pairs.json is the default.
+the built-in fastpatch/app/data/sentiment_pairs.json is the default.
 
 examples:
   fastpatch eval positive.safetensors --model smollm2
@@ -43,8 +43,8 @@ def run(args) -> int:
     import torch
 
     import fastpatch
-    from ..demo import load_model, load_prompts
-    from ..evaluate import evaluate
+    from ..sentiment_demo import load_model, load_prompts
+    from ...lifecycle.evaluation import evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,7 +14,7 @@ Record the residual stream at SITE over paired prompts (positive vs negative) an
   lowrank     LowRank (rank --rank, --ridge) mapping each negative onto its positive
 
 The pairs file is JSON: a list of {"positive": "...", "negative": "..."} or an object with a
-"pairs" list (the built-in fastpatch/data/sentiment_pairs.json is used by default). Activations
+"pairs" list (the built-in fastpatch/app/data/sentiment_pairs.json is used by default). Activations
 are pooled per prompt at its last token or the mean over its tokens (--position); padding is
 masked out. The patch is written with fastpatch.save (a .safetensors file with a manifest and the
 model's fingerprint).
@@ -36,7 +36,7 @@ def add_model_arguments(p) -> None:
 
 
 def add_arguments(p) -> None:
-    from ..fit import METHODS, POSITIONS
+    from ...lifecycle.fitting import METHODS, POSITIONS
 
     add_model_arguments(p)
     p.add_argument("--pairs", default=None, help="prompt-pair JSON (default: built-in sentiment pairs)")
@@ -59,8 +59,8 @@ def run(args) -> int:
     import torch
 
     import fastpatch
-    from ..demo import load_model, load_prompts
-    from ..fit import fit
+    from ..sentiment_demo import load_model, load_prompts
+    from ...lifecycle.fitting import fit
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -35,9 +35,9 @@ def _gate_text(gate) -> str:
 
 def _rows(mapping: dict) -> list:
     """One dict per patch: site, index in the site, kind, rank, gate, scope, tensor shapes."""
-    from ..bank import PatchBank
-    from ..patches import CanonicalPatch, Gated
-    from ..scope import Scoped
+    from ...core.bank import PatchBank
+    from ...core.patches import CanonicalPatch, Gated
+    from ...core.scope import Scoped
 
     rows = []
     for site, value in mapping.items():
@@ -76,8 +76,8 @@ def _shapes(p) -> dict:
 
 
 def _describe(path: str) -> dict:
-    from ..gguf_io import import_gguf, read_gguf
-    from ..io import load, read_manifest
+    from ...files.gguf_io import import_gguf, read_gguf
+    from ...files.patch_file import load, read_manifest
 
     if path.lower().endswith(".gguf"):
         info = read_gguf(path)
@@ -125,7 +125,7 @@ def _print_text(d: dict, out) -> None:
 
 
 def run(args) -> int:
-    from ..io import PatchFileError
+    from ...files.patch_file import PatchFileError
 
     try:
         d = _describe(args.file)

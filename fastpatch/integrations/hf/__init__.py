@@ -1,6 +1,9 @@
-"""Model surgery: fuse activation patches into the residual adds + norms of a transformers model."""
-from .api import Handle, apply, patched
+"""Hugging Face integration: fuse activation patches into the residual adds + norms of a transformers
+model (``apply``), the same semantics with plain hooks (``hooks``), position scopes and CAST conditions."""
+from . import cast, hooks
+from .api import apply, patched
+from .handle import Handle
 from .sites import SUPPORTED_MODEL_TYPES, UnsupportedModelError, all_sites, model_info, parse_site
 
-__all__ = ["Handle", "apply", "patched", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "all_sites",
-           "model_info", "parse_site"]
+__all__ = ["Handle", "apply", "patched", "cast", "hooks", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError",
+           "all_sites", "model_info", "parse_site"]

@@ -1,135 +1,15 @@
-"""``fastpatch.apply`` / ``fastpatch.patched`` and the handle they return."""
+"""``fastpatch.apply`` / ``fastpatch.patched``: fuse patches into a Hugging Face model."""
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 from typing import Optional
 
-
-from .. import backends
-from .engine import Engine, build_plan, step_inputs
-from .fused import _param_names, install, uninstall
+from ...kernels import backends
+from .engine import Engine, build_plan
+from .fused import install, uninstall
+from .handle import MARK, Handle, check_not_patched, install_step_hooks
 from .sites import UnsupportedModelError, model_info
-
-_MARK = "_fastpatch_handle"
-
-
-class Handle:
-    """What :func:`apply` returns: select / swap / pinned / fire_counts / remove."""
-
-    implementation = "fused"
-
-    def __init__(self, model, engine: Engine, backend: Optional[str]):
-        self.model = model
-        self.engine = engine
-        self.backend = backend
-        self._targets = []
-        self._hooks = []
-        self._removed = False
-        self._lock = threading.Lock()
-
-    # -- per-sequence choice ------------------------------------------------------------------
-    def select(self, ids) -> "Handle":
-        """Patch id per sequence ([batch]) or per token ([batch, seq]); −1 = no patch; None resets.
-
-        Validated here (one host read of min/max), then only device tensors are used per step.
-        """
-        self.engine.ids = self.engine.check_ids(ids, self.engine.plan)
-        self.engine._decode_cache = {}
-        return self
-
-    # -- versions -----------------------------------------------------------------------------
-    def swap(self, patches: dict) -> "Handle":
-        """Validate a new site → patch mapping fully, then make it active in one assignment."""
-        self._check_alive()
-        plan = build_plan(self.engine.info, patches, self.engine.count_fires)
-        if self.engine.ids is not None:
-            self.engine.check_ids(self.engine.ids, plan)
-        elif plan.needs_select:
-            pass  # forwards will ask for select(); swapping itself is fine
-        self.engine._decode_cache = {}
-        self.engine.plan = plan
-        return self
-
-    def pinned(self):
-        """Forwards of the calling thread use the mapping active at entry for the whole block."""
-        return self.engine.pinned()
-
-    @property
-    def patches(self) -> dict:
-        return dict(self.engine.plan.mapping)
-
-    # -- fire counts --------------------------------------------------------------------------
-    def fire_counts(self) -> dict:
-        if not self.engine.count_fires:
-            raise RuntimeError("fire counts are off: apply(..., count_fires=True) to count them")
-        return {e.names[0]: e.fire for e in self.engine.plan.entries}
-
-    def reset_fire_counts(self) -> None:
-        for e in self.engine.plan.entries:
-            if e.fire is not None:
-                e.fire.zero_()
-
-    # -- lifetime -----------------------------------------------------------------------------
-    def remove(self) -> None:
-        with self._lock:
-            if self._removed:
-                return
-            for h in self._hooks:
-                h.remove()
-            uninstall(self._targets)
-            self._hooks, self._targets = [], []
-            if getattr(self.model, _MARK, None) is self:
-                try:
-                    delattr(self.model, _MARK)
-                except AttributeError:
-                    pass
-            self._removed = True
-
-    @property
-    def active(self) -> bool:
-        return not self._removed
-
-    def _check_alive(self):
-        if self._removed:
-            raise RuntimeError("this handle was removed")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
-
-    def __repr__(self) -> str:
-        sites = ", ".join(e.names[0] for e in self.engine.plan.entries)
-        return (f"{type(self).__name__}({self.implementation}, {self.engine.info.spec.name}, "
-                f"sites=[{sites}], removed={self._removed})")
-
-
-def install_step_hooks(handle: Handle) -> None:
-    """Pre/post hooks on the base model: one Step per forward (indices, decisions)."""
-    engine = handle.engine
-    base = engine.info.base
-    names = _param_names(type(base).forward, skip_first=0)
-
-    def pre(module, args, kwargs):
-        B, S, mask, cache, device = step_inputs(names, args, kwargs)
-        engine.begin(B, S, mask, cache, device)
-        return None
-
-    def post(module, args, kwargs, output):
-        engine.end(output)
-        return None
-
-    handle._hooks.append(base.register_forward_pre_hook(pre, with_kwargs=True))
-    handle._hooks.append(base.register_forward_hook(post, with_kwargs=True, always_call=True))
-
-
-def _check_not_patched(model):
-    h = getattr(model, _MARK, None)
-    if h is not None and h.active:
-        raise RuntimeError(f"model is already patched by {h!r}; call handle.remove() first (or handle.swap())")
+from . import hooks
 
 
 def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Optional[str] = None,
@@ -141,20 +21,16 @@ def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Opti
     """
     if fallback not in (None, "hooks"):
         raise ValueError(f"fallback must be None or 'hooks', got {fallback!r}")
-    _check_not_patched(model)
+    check_not_patched(model)
     try:
         info = model_info(model)
         impl = backends.resolve(backend, info.device)
     except UnsupportedModelError:
         if fallback == "hooks":
-            from .. import hooks
-
             return hooks.apply(model, patches, count_fires=count_fires)
         raise
     if info.spec.name == "gpt2" and getattr(model.config, "add_cross_attention", False):
         if fallback == "hooks":
-            from .. import hooks
-
             return hooks.apply(model, patches, count_fires=count_fires)
         raise UnsupportedModelError("GPT-2 with cross-attention is not supported by the fused path; "
                                     "use fallback='hooks'")
@@ -164,7 +40,7 @@ def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Opti
     try:
         handle._targets = install(engine, impl)
         install_step_hooks(handle)
-        setattr(model, _MARK, handle)
+        setattr(model, MARK, handle)
     except BaseException:
         for h in handle._hooks:
             h.remove()

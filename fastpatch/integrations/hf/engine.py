@@ -7,6 +7,7 @@ Layers only read ``step.slots[k]``; no validation, no host sync happens per laye
 """
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 from contextlib import contextmanager
@@ -14,13 +15,13 @@ from typing import Optional
 
 import torch
 
-from ..bank import PatchBank
-from ..patches import CanonicalPatch, Gate, Patch
-from ..scope import Scope, Scoped
+from ...core.bank import PatchBank
+from ...core.patches import CanonicalPatch, Gate, Patch
+from ...core.scope import Scope, Scoped
+from .conditions import Condition, Conditional
 from .sites import ModelInfo, order, parse_site, site_name
 
 _SKIP = object()
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Entry:
@@ -82,8 +83,6 @@ class Plan:
 
 def _unwrap(value):
     """site value → (inner patch/bank, scope, condition)."""
-    from ..cast import Conditional
-
     condition = None
     if isinstance(value, Conditional):
         condition, value = value.condition, value.patch
@@ -97,8 +96,6 @@ def _unwrap(value):
 
 def build_plan(info: ModelInfo, patches: dict, count_fires: bool) -> Plan:
     """Validate ``patches`` fully and build a plan; raises before anything is changed."""
-    from ..cast import Condition
-
     if not isinstance(patches, dict):
         raise TypeError(f"patches must be a dict of site name -> patch, got {type(patches).__name__}")
     D = info.hidden_size
@@ -362,6 +359,18 @@ class Engine:
             yield self._tls.pinned
         finally:
             self._tls.pinned = prev
+
+
+def param_names(fn, skip_first: int = 1) -> tuple:
+    """Names of ``fn``'s positional parameters (``self`` dropped), skipping the first ``skip_first``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if names and names[0] == "self":
+        names = names[1:]
+    return tuple(names[skip_first:])
 
 
 def kwargs_of(names: tuple, args: tuple, kwargs: dict) -> dict:

@@ -19,13 +19,11 @@ LayerNorm), and the embedding LayerNorm becomes fused(patch + LayerNorm) for ``l
 """
 from __future__ import annotations
 
-import inspect
-
-
-from ..backends import reference_backend as _reference
-from ..reference import NORM_KINDS
+from ...kernels.backends import reference_backend as _reference
+from ...core.reference import NORM_KINDS
 from .arch import get_path, norm_eps
-from .engine import Engine, kwargs_of
+from .sites import UnsupportedModelError
+from .engine import Engine, kwargs_of, param_names
 
 
 class _Norm:
@@ -41,22 +39,21 @@ class _Norm:
         self.has_bias = kind == "layer" and getattr(module, "bias", None) is not None
 
 
-def _param_names(fn, skip_first: int = 1) -> tuple:
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return ()
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if names and names[0] == "self":
-        names = names[1:]
-    return tuple(names[skip_first:])
+def run_norm(run, x2, r2, norm: _Norm, slot):
+    """add + patch + norm of 2-D rows through ``run``, or through the differentiable reference ops
+    when the stream requires grad (the kernels have no backward). ``slot`` is a step slot or None."""
+    if x2.requires_grad or (r2 is not None and r2.requires_grad):
+        run = _reference.run
+    mod = norm.module
+    b = mod.bias if norm.has_bias else None
+    if slot is None:
+        return run(x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, None, None, None, None, None)
+    return run(x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, slot[0], slot[1], slot[2], None, None)
 
 
 def check_installable(modules) -> None:
     for m in modules:
         if "forward" in m.__dict__:
-            from .sites import UnsupportedModelError
-
             raise UnsupportedModelError(
                 f"{type(m).__name__} already has an instance-level forward (accelerate hooks, another patcher "
                 "or a previous fastpatch.apply not removed); fastpatch cannot fuse it. Use fallback='hooks'")
@@ -82,7 +79,6 @@ def _install_pre(engine: Engine, impl) -> list:
     targets = list(layers) + ([final_mod] if final_mod is not None else [])
     check_installable(targets)
     run = impl.run
-    ref_run = _reference.run
     drop = spec.drop_attn_kwargs
     tls = engine._tls
     current = engine.current
@@ -97,17 +93,7 @@ def _install_pre(engine: Engine, impl) -> list:
             r2 = res.reshape(-1, D)
             if not r2.is_contiguous():
                 r2 = r2.contiguous()
-        mod = norm.module
-        w = mod.weight
-        b = mod.bias if norm.has_bias else None
-        s = step.slots[slot] if slot >= 0 else None
-        fn = run
-        if x2.requires_grad or (r2 is not None and r2.requires_grad):
-            fn = ref_run  # autograd: the kernels have no backward; the reference is plain torch ops
-        if s is None:
-            o, r = fn(x2, r2, w, b, norm.eps, norm.kind, norm.offset, None, None, None, None, None)
-        else:
-            o, r = fn(x2, r2, w, b, norm.eps, norm.kind, norm.offset, s[0], s[1], s[2], None, None)
+        o, r = run_norm(run, x2, r2, norm, step.slots[slot] if slot >= 0 else None)
         return o.view(x.shape), r.view(x.shape)
 
     def make_layer(i: int, block):
@@ -117,7 +103,7 @@ def _install_pre(engine: Engine, impl) -> list:
         pmn = get_path(block, spec.post_mlp_norm) if spec.post_mlp_norm else None
         n1, n2 = ln1[i], ln2[i]
         nxt = ln1[i + 1] if i + 1 < L else final
-        names = _param_names(type(block).forward)
+        names = param_names(type(block).forward)
         mid_key, post_key, pre_key = ("mid", i), ("post", i), ("pre", 0)
 
         def forward(hidden_states, *args, **kwargs):
@@ -195,14 +181,8 @@ def _install_post(engine: Engine, impl) -> list:
             D = x.shape[-1]
             x2 = x.reshape(-1, D).contiguous()
             r2 = input_tensor.reshape(-1, D).contiguous()
-            ln = norm.module
             slot = slot_of(step.plan)
-            s = step.slots[slot] if slot >= 0 else None
-            fn = _reference.run if (x2.requires_grad or r2.requires_grad) else run
-            if s is None:
-                o, r = fn(x2, r2, ln.weight, ln.bias, norm.eps, norm.kind, 0.0, None, None, None, None, None)
-            else:
-                o, r = fn(x2, r2, ln.weight, ln.bias, norm.eps, norm.kind, 0.0, s[0], s[1], s[2], None, None)
+            o, r = run_norm(run, x2, r2, norm, step.slots[slot] if slot >= 0 else None)
             if step.pending is not None:
                 engine.decide(step, key, r.view(x.shape))
             return o.view(x.shape)
@@ -224,13 +204,7 @@ def _install_post(engine: Engine, impl) -> list:
         D = x.shape[-1]
         x2 = x.reshape(-1, D).contiguous()
         slot = step.plan.pre_slot
-        s = step.slots[slot] if slot >= 0 else None
-        ln = norm0.module
-        fn = _reference.run if x2.requires_grad else run
-        if s is None:
-            o, r = fn(x2, None, ln.weight, ln.bias, norm0.eps, norm0.kind, 0.0, None, None, None, None, None)
-        else:
-            o, r = fn(x2, None, ln.weight, ln.bias, norm0.eps, norm0.kind, 0.0, s[0], s[1], s[2], None, None)
+        o, r = run_norm(run, x2, None, norm0, step.slots[slot] if slot >= 0 else None)
         if step.pending is not None:
             engine.decide(step, ("pre", 0), r.view(x.shape))
         return o.view(x.shape)

@@ -21,10 +21,10 @@ from typing import Iterable, Optional
 
 import torch
 
-from .surgery.api import Handle, _check_not_patched, _MARK, install_step_hooks
-from .surgery.arch import ArchSpec, get_path
-from .surgery.engine import Engine, build_plan
-from .surgery.sites import ModelInfo, UnsupportedModelError, find_spec, model_info, parse_site
+from .handle import MARK, Handle, check_not_patched, install_step_hooks
+from .arch import ArchSpec, get_path
+from .engine import Engine, build_plan
+from .sites import ModelInfo, UnsupportedModelError, find_spec, model_info, parse_site
 
 __all__ = ["apply", "patched", "record", "HooksHandle"]
 
@@ -176,7 +176,7 @@ def _install(handle: Handle) -> None:
 def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Optional[str] = None,
           count_fires: bool = False) -> HooksHandle:
     """Same API and semantics as :func:`fastpatch.apply`, with forward hooks (``backend`` ignored)."""
-    _check_not_patched(model)
+    check_not_patched(model)
     info = _info(model)
     plan = build_plan(info, patches, count_fires)
     engine = Engine(info, plan, count_fires)
@@ -184,7 +184,7 @@ def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Opti
     try:
         install_step_hooks(handle)
         _install(handle)
-        setattr(model, _MARK, handle)
+        setattr(model, MARK, handle)
     except BaseException:
         for h in handle._hooks:
             h.remove()

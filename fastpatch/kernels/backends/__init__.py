@@ -2,7 +2,7 @@
 
 ``run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
 out, residual_out)``
-receives inputs already validated by :func:`fastpatch.ops.check_inputs` (contiguous 2-D
+receives inputs already validated by :func:`fastpatch.kernels.ops.check_inputs` (contiguous 2-D
 rows, ``index`` 1-D or None, ``norm_kind`` 0 = RMS, 1 = Layer) and returns ``(out, residual_out)``
 as [N, D] tensors in x's dtype: into ``out`` / ``residual_out`` when given (preallocated,
 contiguous, possibly aliasing x2d or residual2d), else newly allocated.
@@ -16,10 +16,10 @@ import torch
 
 # name -> module path; imported lazily so that a missing toolchain only affects its backend.
 _MODULES = {
-    "reference": "fastpatch.backends.reference_backend",
-    "cpp": "fastpatch.backends.cpp",
-    "triton": "fastpatch.backends.triton_backend",
-    "cuda": "fastpatch.backends.cuda",
+    "reference": "fastpatch.kernels.backends.reference_backend",
+    "cpp": "fastpatch.kernels.backends.cpp",
+    "triton": "fastpatch.kernels.backends.triton_backend",
+    "cuda": "fastpatch.kernels.backends.cuda",
 }
 
 # Fastest first, per device type.
@@ -71,7 +71,7 @@ def resolve(backend, device: torch.device) -> ModuleType:
     if torch.compiler.is_compiling():
         raise RuntimeError(
             f"fastpatch backend {backend!r} for {device.type} is not initialised yet: call "
-            f"fastpatch.backends.prepare({device.type!r}, {backend!r}) (or run once eagerly) before torch.compile")
+            f"fastpatch.kernels.backends.prepare({device.type!r}, {backend!r}) (or run once eagerly) before torch.compile")
     if backend is None:
         names = available(device)
         module = load(names[0] if names else "reference")

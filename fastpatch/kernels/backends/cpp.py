@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from ._flat_call import call_flat
-from ._sources import csrc_dir
+from .flat_args import call_flat
+from .sources import csrc_dir
 
 _CSRC = csrc_dir()
 _SOURCES = [_CSRC / "cpu" / "fused_add_norm.cpp"]

@@ -1,7 +1,7 @@
 """The float64 reference as a backend (any device): slow, exact, always there."""
 from __future__ import annotations
 
-from .. import reference
+from ...core import reference
 
 _NORMS = {v: k for k, v in reference.NORM_KINDS.items()}
 

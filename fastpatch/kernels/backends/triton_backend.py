@@ -7,10 +7,11 @@ too much for decode). Under torch.compile the launch goes through the custom op
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
+
+from ..triton_ops.dispatch import interpreting
 
 _import_error = ""
 try:
@@ -20,10 +21,6 @@ except Exception as exc:  # triton missing or broken: the backend is just unavai
     _import_error = f"{type(exc).__name__}: {exc}"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def why_unavailable(device) -> str:
     device = torch.device(device)
     if _kernels is None:
@@ -31,7 +28,7 @@ def why_unavailable(device) -> str:
     if device.type == "cuda":
         return "available" if torch.cuda.is_available() else "CUDA is not available in this torch build"
     if device.type == "cpu":
-        return "available" if _interpreting() else (
+        return "available" if interpreting() else (
             "the triton backend runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
             "before fastpatch is imported")
     return f"the triton backend does not support device type {device.type!r}"

@@ -17,6 +17,8 @@ Two kernels:
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import asdict, dataclass
 
 MAX_SINGLE_PASS_D = 4096   # whole row in registers up to here; 8192 needed 16 warps (128-register cap) and spilled
@@ -123,3 +125,8 @@ def all_configs() -> list[LaunchConfig]:
     """Every LaunchConfig that select() can return (ranks up to MAX_ENUMERATED_RANK), sorted."""
     seen = {select(*p) for p in _probe_points()}
     return sorted(seen, key=lambda c: (c.kernel, c.SINGLE_PASS, c.DOT_FP32, c.BLOCK_D, c.R_PAD, c.num_warps))
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``, read at call time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

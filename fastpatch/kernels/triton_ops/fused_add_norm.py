@@ -5,21 +5,25 @@ shift) with patch k = index[row] (−1 or out of range: no patch), residual_out 
 dtype, out = norm(residual_out)·(weight + weight_offset) (+ bias).
 
 Every optional part is a constexpr flag, so an unpatched call compiles to a plain fused add + norm.
-Launch configs come from :mod:`fastpatch.triton_ops.dispatch`. Outputs may alias x or residual:
+Launch configs come from :mod:`fastpatch.kernels.triton_ops.dispatch`. Outputs may alias x or residual:
 each program reads a row (or chunk) in full before it writes that row (or chunk) back, and the
 multi-pass variants only re-read what they wrote themselves (residual_out), after a barrier.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ...core import patches as _patches
 from . import dispatch
+from .dispatch import interpreting
 
-GATE_NONE, GATE_COS_ABOVE, GATE_COS_BELOW, GATE_PROJ_ABOVE, GATE_PROJ_BELOW = 0, 1, 2, 3, 4
+# The gate modes of fastpatch.core.patches, as constexprs the kernels can read.
+GATE_NONE = tl.constexpr(_patches.GATE_NONE)
+GATE_COSINE_ABOVE = tl.constexpr(_patches.GATE_COSINE_ABOVE)
+GATE_COSINE_BELOW = tl.constexpr(_patches.GATE_COSINE_BELOW)
+GATE_PROJECTION_ABOVE = tl.constexpr(_patches.GATE_PROJECTION_ABOVE)
 
 
 @triton.jit
@@ -35,11 +39,11 @@ def _gate_fires(proj, sumsq, mode, threshold):
     """Gate decision from h·ĉ and ‖h‖²: works on scalars (one row) and on vectors (a row block)."""
     norm = tl.sqrt(sumsq)
     cosine = tl.where(norm > 0, proj / tl.where(norm > 0, norm, 1.0), 0.0)
-    is_cosine = (mode == 1) | (mode == 2)
+    is_cosine = (mode == GATE_COSINE_ABOVE) | (mode == GATE_COSINE_BELOW)
     metric = tl.where(is_cosine, cosine, proj)
-    above = (mode == 1) | (mode == 3)
+    above = (mode == GATE_COSINE_ABOVE) | (mode == GATE_PROJECTION_ABOVE)
     fires = tl.where(above, metric > threshold, metric < threshold)
-    return (mode == 0) | fires
+    return (mode == GATE_NONE) | fires
 
 
 @triton.jit
@@ -305,10 +309,6 @@ def fused_add_norm_tile_kernel(
 
 
 KERNELS = {"row": fused_add_norm_row_kernel, "tile": fused_add_norm_tile_kernel}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def launch(x, residual, weight, bias, eps, norm_kind, weight_offset,
