@@ -31,12 +31,12 @@ import torch
 from .patch_file import PatchFileError
 from ..core.patches import CanonicalPatch, Gated, Patch, Steer
 from ..core.scope import Scoped
+from ..core.sites import split_site
 
 ARCH = "controlvector"
 KEY_MODEL_HINT = f"{ARCH}.model_hint"
 KEY_LAYER_COUNT = f"{ARCH}.layer_count"
 _DIRECTION = re.compile(r"^direction\.(\d+)$")
-_SITE = re.compile(r"^layers\.(\d+)\.(resid_pre|resid_mid|resid_post)$")
 
 
 def _gguf():
@@ -49,10 +49,10 @@ def _gguf():
 
 def direction_index(site: str) -> int:
     """The ``direction.{N}`` index of a fastpatch site (ValueError if llama.cpp cannot steer it)."""
-    m = _SITE.match(site) if isinstance(site, str) else None
-    if not m:
+    parts = split_site(site)
+    if parts is None or site.startswith("model."):
         raise ValueError(f"unknown site {site!r}; sites are 'layers.{{i}}.resid_pre|resid_mid|resid_post'")
-    i, where = int(m.group(1)), m.group(2)
+    i, where = parts
     if where == "resid_mid":
         raise ValueError(f"site {site!r}: llama.cpp control vectors act only on layer outputs "
                          "(resid_post), not between attention and MLP")

@@ -34,6 +34,7 @@ import torch
 from ..core.bank import PatchBank
 from ..core.patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LoReFT, LowRank, Patch, Steer
 from ..core.scope import Scope, Scoped
+from ..core.sites import split_site
 
 FORMAT = "fastpatch-patch-set"
 FORMAT_VERSION = 1
@@ -46,7 +47,6 @@ _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$")
-_SITE = re.compile(r"^layers\.(\d+)\.(resid_pre|resid_mid|resid_post)$")
 _CONTAINERS = ("patch", "list", "bank", "none")
 _BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -81,10 +81,11 @@ def check_semver(version: Any, what: str = "version") -> str:
 
 
 def _site_layer(site: Any, num_layers: Optional[int], what: str) -> None:
-    if not isinstance(site, str) or not _SITE.match(site):
+    parts = split_site(site)
+    if parts is None or site.strip() != site or site.startswith("model."):
         raise ValueError(f"{what}: unknown site {site!r}; sites are 'layers.{{i}}.resid_pre', "
                          "'layers.{i}.resid_mid' or 'layers.{i}.resid_post'")
-    i = int(_SITE.match(site).group(1))
+    i = parts[0]
     if num_layers is not None and i >= num_layers:
         raise ValueError(f"{what}: site {site!r} is past the model's {num_layers} layers (0..{num_layers - 1})")
 
@@ -524,7 +525,7 @@ def _check_model(path, saved_fp, actual_fp, mapping, force, differences) -> None
     n = actual_fp.get("num_layers")
     if isinstance(n, int):
         for site in mapping:
-            if int(_SITE.match(site).group(1)) >= n:
+            if split_site(site)[0] >= n:
                 problems.append(f"site {site!r} is past the model's {n} layers")
     if problems:
         msg = f"{path} was fitted on a different model: " + "; ".join(problems)

@@ -3,7 +3,8 @@ model (``apply``), the same semantics with plain hooks (``hooks``), position sco
 from . import cast, hooks
 from .api import apply, patched
 from .handle import Handle
-from .sites import SUPPORTED_MODEL_TYPES, UnsupportedModelError, all_sites, model_info, parse_site
+from ...core.sites import all_sites, parse_site
+from .sites import SUPPORTED_MODEL_TYPES, UnsupportedModelError, model_info
 
 __all__ = ["Handle", "apply", "patched", "cast", "hooks", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError",
            "all_sites", "model_info", "parse_site"]

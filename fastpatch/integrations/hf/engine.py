@@ -19,7 +19,8 @@ from ...core.bank import PatchBank
 from ...core.patches import CanonicalPatch, Gate, Patch
 from ...core.scope import Scope, Scoped
 from .conditions import Condition, Conditional
-from .sites import ModelInfo, order, parse_site, site_name
+from ...core.sites import order, parse_site, site_name
+from .sites import ModelInfo
 
 _SKIP = object()
 

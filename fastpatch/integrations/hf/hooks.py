@@ -24,7 +24,8 @@ import torch
 from .handle import MARK, Handle, check_not_patched, install_step_hooks
 from .arch import ArchSpec, get_path
 from .engine import Engine, build_plan
-from .sites import ModelInfo, UnsupportedModelError, find_spec, model_info, parse_site
+from ...core.sites import parse_site
+from .sites import ModelInfo, UnsupportedModelError, find_spec, model_info
 
 __all__ = ["apply", "patched", "record", "HooksHandle"]
 
