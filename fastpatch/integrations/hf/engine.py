@@ -153,11 +153,12 @@ def build_plan(info: ModelInfo, patches: dict, count_fires: bool) -> Plan:
 class Step:
     """Per-forward state (thread-local): slots, the stash of the next layer's normed input, decisions."""
 
-    __slots__ = ("plan", "slots", "stash", "prompt", "real", "B", "S", "base_ids", "decisions", "pending",
+    __slots__ = ("plan", "ids", "slots", "stash", "prompt", "real", "B", "S", "base_ids", "decisions", "pending",
                  "cache", "prev", "res")
 
     def __init__(self, plan):
         self.plan = plan
+        self.ids = None
         self.slots = [None] * len(plan.entries)
         self.stash = None
         self.prompt = True
@@ -203,13 +204,17 @@ class Engine:
 
     def begin(self, B: int, S: int, attention_mask, cache, device) -> Step:
         plan = getattr(self._tls, "pinned", None) or self.plan
-        if plan.needs_select and self.ids is None:
+        ids = getattr(self._tls, "ids", None)  # handle.using(ids) in this thread wins over select()
+        if ids is None:
+            ids = self.ids
+        if plan.needs_select and ids is None:
             raise RuntimeError("a site holds a PatchBank of several patches: call handle.select(ids) to say "
                                "which patch each sequence (or token) uses before running the model")
-        if self.ids is not None and self.ids.shape[0] != B:
-            raise ValueError(f"handle.select() was given ids for a batch of {self.ids.shape[0]}, the model is "
+        if ids is not None and ids.shape[0] != B:
+            raise ValueError(f"handle.select() was given ids for a batch of {ids.shape[0]}, the model is "
                              f"running a batch of {B}")
         step = Step(plan)
+        step.ids = ids
         step.prev = getattr(self._tls, "step", None)
         self._tls.step = step
         step.B, step.S, step.cache = B, S, cache
@@ -271,7 +276,7 @@ class Engine:
 
     def _base(self, step: Step, device) -> Optional[torch.Tensor]:
         """Patch id per row before scoping: None (patch 0 everywhere) or int32 [B, S]."""
-        ids = self.ids
+        ids = step.ids
         if ids is None:
             return None
         if ids.dim() == 1:
@@ -297,7 +302,7 @@ class Engine:
             m = None
             key = (step.B, step.S)
             hit = self._decode_cache.get(key)
-            if hit is not None and hit[0] is self.ids:
+            if hit is not None and hit[0] is step.ids:
                 return hit[1]
         base = self._base(step, device)
         if m is None and base is None:
@@ -308,7 +313,7 @@ class Engine:
             src = base if base is not None else torch.zeros((), dtype=torch.int32, device=device)
             idx = torch.where(m, src, torch.full((), -1, dtype=torch.int32, device=device)).reshape(-1).contiguous()
         if not step.prompt:
-            self._decode_cache[(step.B, step.S)] = (self.ids, idx)
+            self._decode_cache[(step.B, step.S)] = (step.ids, idx)
         return idx
 
     def _gate_index(self, idx, decision, step: Step, device):

@@ -3,6 +3,7 @@ both install on the base model (one :class:`~.engine.Step` per forward)."""
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from typing import Optional
 
 from .engine import Engine, build_plan, param_names, step_inputs
@@ -34,6 +35,20 @@ class Handle:
         self.engine.ids = self.engine.check_ids(ids, self.engine.plan)
         self.engine._decode_cache = {}
         return self
+
+    @contextmanager
+    def using(self, ids):
+        """``with handle.using(ids): model(...)``: like :meth:`select`, but only for forwards of the calling
+        thread inside the block, so concurrent requests (one thread each) choose their patches without
+        serialising on the handle. Nested blocks restore the outer ids on exit."""
+        checked = self.engine.check_ids(ids, self.engine.plan)
+        tls = self.engine._tls
+        prev = getattr(tls, "ids", None)
+        tls.ids = checked
+        try:
+            yield self
+        finally:
+            tls.ids = prev
 
     # -- versions -----------------------------------------------------------------------------
     def swap(self, patches: dict) -> "Handle":
