@@ -163,3 +163,40 @@ def test_errors():
         F.tokenize(None, ["text"])
     with pytest.raises(ValueError, match="position"):
         F.pool(torch.zeros(1, 2, 3), torch.ones(1, 2), "first")
+
+
+def _repeng_sign(diffs, u):
+    """repeng's rule written out directly: +u if most pairs project positive on it, else −u."""
+    positive = sum(1 for d in diffs if float(d @ u) > 0)
+    negative = sum(1 for d in diffs if float(d @ u) < 0)
+    return 1.0 if positive >= negative else -1.0
+
+
+def test_principal_direction_sign_follows_the_majority_not_the_magnitude():
+    # The issue's repro: differences +1, +1, +1, −10 along x. Three pairs of four agree with +x, the
+    # mean projection is −1.75; repeng returns [1, 0], the vote decides, the scale must not flip it.
+    neg = torch.zeros(4, 2, dtype=torch.float64)
+    pos = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [-10.0, 0.0]], dtype=torch.float64)
+    v = F.principal_direction(pos, neg)
+    assert float(v[0]) > 0 and float(v[1]) == 0.0
+    assert float(v.norm()) == pytest.approx(1.75)
+    # Random data with a few large outliers against the majority, vs a direct computation.
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        D = 6
+        axis = torch.randn(D, generator=g, dtype=torch.float64)
+        axis = axis / axis.norm()
+        k = 7
+        diffs = axis * torch.rand(k, 1, generator=g, dtype=torch.float64) \
+            + 0.05 * torch.randn(k, D, generator=g, dtype=torch.float64)
+        diffs[:2] = -axis * (5.0 + 5 * torch.rand(2, 1, generator=g, dtype=torch.float64))  # big, opposite
+        neg = torch.randn(k, D, generator=g, dtype=torch.float64)
+        pos = neg + diffs
+        centred = diffs - diffs.mean(0)
+        _, evecs = torch.linalg.eigh(centred.T @ centred)
+        top = evecs[:, -1]
+        expected_u = top * _repeng_sign(diffs, top)
+        v = F.principal_direction(pos, neg)
+        u = v / v.norm()
+        assert float(u @ expected_u) == pytest.approx(1.0, abs=1e-9), trial
+        assert float(v.norm()) == pytest.approx(abs(float((diffs @ u).mean())), rel=1e-9)

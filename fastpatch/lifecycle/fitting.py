@@ -153,8 +153,10 @@ def principal_direction(pos, neg, *, center: bool = True) -> torch.Tensor:
     Like repeng (sklearn's PCA), the differences are centred first (``center=False`` skips that,
     giving the top right singular vector of the raw differences). The sign is chosen so that, in the
     majority of pairs, the positive prompt projects higher than its negative (repeng's rule), ties
-    broken by the mean difference. Returned as a float64 vector scaled to the mean projection of the
-    differences on it, so ``Steer(v, 1.0)`` moves a row by the typical pos − neg gap along it.
+    broken by the mean difference. Returned as a float64 vector scaled to the absolute mean projection
+    of the differences on it, so ``Steer(v, 1.0)`` moves a row by the typical pos − neg gap along it;
+    the scale never changes the direction the vote chose (a few large opposite pairs can make the mean
+    projection negative while most pairs agree: repeng keeps the majority's sign, so does this).
     """
     pos, neg = _paired(pos, neg)
     diffs = pos - neg
@@ -169,7 +171,7 @@ def principal_direction(pos, neg, *, center: bool = True) -> torch.Tensor:
     votes = int((proj > 0).sum()) - int((proj < 0).sum())
     if votes < 0 or (votes == 0 and float(proj.mean()) < 0):
         u = -u
-    return u * float((diffs @ u).mean())
+    return u * abs(float((diffs @ u).mean()))
 
 
 def ablation_direction(pos, neg) -> torch.Tensor:
