@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMAND_MODULES = ("bench", "fit", "eval", "inspect", "convert", "demo")
+COMMAND_MODULES = ("bench", "fit", "eval", "inspect", "convert", "demo", "build")
 
 
 def _load_commands():

@@ -14,6 +14,8 @@ from types import ModuleType
 
 import torch
 
+from ..triton_ops.dispatch import uses_tile_kernel
+
 # name -> module path; imported lazily so that a missing toolchain only affects its backend.
 _MODULES = {
     "reference": "fastpatch.kernels.backends.reference_backend",
@@ -63,6 +65,59 @@ def available(device) -> list[str]:
 _resolved: dict = {}
 
 
+def choose_cuda(N: int, rank: int, index_given: bool, num_patches: int, names) -> str:
+    """Which of the CUDA backends ``names`` (available ones, e.g. ``("cuda", "triton")``) runs one call.
+
+    - Prefill-sized low-rank calls where every row uses one patch (``uses_tile_kernel``: N ≥ 64,
+      8 ≤ rank ≤ 128, index None or a one-patch bank) → ``triton``: its tile kernel computes
+      h·downᵀ and z·up with ``tl.dot`` on tensor cores for 32 rows at a time, reading each bank
+      row once per 32 rows. The CUDA kernel loops over the rank per row with a block barrier per
+      rank chunk: it re-reads the bank for every row and its arithmetic is scalar.
+    - Everything else (decode, steering/ablation/gates, per-row indices into many patches) →
+      ``cuda``: row kernels with 16-byte vector accesses and ~0.5 µs of host overhead per call
+      (a pybind11 function), against tens of µs for a Triton launch from Python, which is what a
+      decode step with 2 calls per layer pays when it does not run in a CUDA graph.
+    - Whichever of the two is available when only one is (no nvcc: ``triton``), else ``reference``.
+    """
+    if "triton" in names and rank and uses_tile_kernel(N, rank, index_given, num_patches):
+        return "triton"
+    for name in ("cuda", "triton", "reference"):
+        if name in names:
+            return name
+    return "reference"
+
+
+class PerShape:
+    """The backend used when none is named on a CUDA device: picks per call (``choose_cuda``).
+
+    Has the backend interface (``run``, ``is_available``); both backends are loaded (and the CUDA
+    one built) when it is created, so calls under torch.compile only pick between loaded modules.
+    """
+
+    __name__ = "fastpatch.kernels.backends.auto"
+
+    def __init__(self, names):
+        self.names = tuple(names)
+        self.modules = {name: load(name) for name in self.names}
+
+    def is_available(self, device) -> bool:
+        return torch.device(device).type == "cuda"
+
+    def choose(self, x2d, bank, index) -> str:
+        if bank is None:
+            return choose_cuda(x2d.shape[0], 0, False, 1, self.names)
+        return choose_cuda(x2d.shape[0], bank.rank, index is not None, bank.num_patches, self.names)
+
+    def run(self, x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
+            out=None, residual_out=None):
+        module = self.modules[self.choose(x2d, bank, index)]
+        return module.run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index,
+                          fire_counts, out, residual_out)
+
+    def __repr__(self) -> str:
+        return f"PerShape({', '.join(self.names)})"
+
+
 def resolve(backend, device: torch.device) -> ModuleType:
     key = (backend, device.type)
     module = _resolved.get(key)
@@ -74,7 +129,11 @@ def resolve(backend, device: torch.device) -> ModuleType:
             f"fastpatch.kernels.backends.prepare({device.type!r}, {backend!r}) (or run once eagerly) before torch.compile")
     if backend is None:
         names = available(device)
-        module = load(names[0] if names else "reference")
+        gpu_names = [n for n in names if n in ("cuda", "triton")]
+        if device.type == "cuda" and gpu_names:
+            module = PerShape(gpu_names)  # per-call choice between the CUDA and Triton kernels
+        else:
+            module = load(names[0] if names else "reference")
     else:
         module = load(backend)
         if not module.is_available(device):
@@ -85,7 +144,8 @@ def resolve(backend, device: torch.device) -> ModuleType:
 
 
 def prepare(device="cpu", backend=None) -> str:
-    """Build/load a backend now (e.g. before torch.compile); returns the backend's name."""
+    """Build/load a backend now (e.g. before torch.compile); returns the backend's name
+    ("auto" for the per-shape choice on CUDA, see ``choose_cuda``)."""
     module = resolve(backend, torch.device(device))
     return module.__name__.rsplit(".", 1)[-1].replace("_backend", "")
 
