@@ -182,6 +182,10 @@ class Engine:
         self._decode_cache = {}
         self._decisions = weakref.WeakKeyDictionary()  # cache object -> {Condition: bool [B]}
         self._default_steps = {}
+        # Fused layers that took their normed input from the previous fused site / had to recompute
+        # it (see fused.py); plain ints, not updated inside torch.compile'd regions.
+        self.fusion_hits = 0
+        self.fusion_misses = 0
 
     # --- per forward -------------------------------------------------------------------------
     def current(self) -> Step:

@@ -10,14 +10,31 @@ Pre-LN blocks (Llama-like, Gemma, Gemma2/3, GPT-2), layer ``i``::
     next_normed, h = fused(m, h, next norm, bank=resid_post.i) # next layer's ln1 or the final norm
     stash (h, next_normed); return h
 
-The next layer (or the final norm) takes ``next_normed`` from the stash only if it receives the very
-tensor ``h`` this layer returned (identity check), else it runs its norm itself: anything in between
-that changes the stream (a user hook, say) still gets exact results, just unfused.
+The next layer (or the final norm) takes ``next_normed`` from the stash only if nothing can have run
+in between and it receives the very tensor ``h`` this layer returned; else it runs its norm itself
+(exact, just unfused). "Nothing in between" is decided without touching the data: a stash is kept only
+when no hook can run between the two points — no forward hook on this layer, no pre-hook on the next
+layer or the final norm, no hook on the next norm module (its call is skipped on a hit), no global
+module hook (``torch.nn.modules.module.register_module_forward_hook`` and friends). Hooks are the only
+way PyTorch runs foreign code between two modules of a transformers decoder loop, and a hook may edit
+``h`` in place (steering-vectors, pyvene, nnsight's ``output[:] = ...``), which the identity check
+cannot see. Checking dicts for emptiness is O(1) and works the same under no_grad, inference_mode,
+autograd and torch.compile (dynamo guards on them); a checksum of ``h`` would cost a pass over the
+data and still not be exact. Where tensors have a version counter (not inference tensors, not while
+compiling) it is compared too, which also catches in-place edits made by code that is not a hook.
+Hits and misses are counted on the engine (``handle.fusion_stats()``).
+
+Norm modules whose computation is fused keep their hooks meaningful: if a norm module (or any module,
+through a global hook) has a hook, the fused site still does add + patch, then the norm module itself
+is called on the result so the hook runs and its output is used.
 
 Post-LN (BERT): ``attention.output`` / ``output`` forwards become dense → dropout → fused(add + patch +
 LayerNorm), and the embedding LayerNorm becomes fused(patch + LayerNorm) for ``layers.0.resid_pre``.
 """
 from __future__ import annotations
+
+import torch
+from torch.nn.modules import module as _torch_module
 
 from ...kernels.backends import reference_backend as _reference
 from ...core.reference import NORM_KINDS
@@ -49,6 +66,34 @@ def run_norm(run, x2, r2, norm: _Norm, slot):
     if slot is None:
         return run(x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, None, None, None, None, None)
     return run(x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, slot[0], slot[1], slot[2], None, None)
+
+
+_GLOBAL_HOOKS = (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks)
+_is_compiling = torch.compiler.is_compiling
+
+
+def global_hooks() -> bool:
+    """True while any global module forward (pre-)hook is registered: it may run between any two modules."""
+    return bool(_GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1])
+
+
+def hooked(module) -> bool:
+    """True if calling ``module`` would run a hook (its own forward/pre hooks or a global one)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or global_hooks()
+
+
+def version_of(t):
+    """``t``'s in-place version counter, or None where there is none (inference tensors, compiling)."""
+    if _is_compiling() or t.is_inference():
+        return None
+    return t._version
+
+
+def stash_valid(st, x) -> bool:
+    """The stash ``(h, normed, version)`` applies to ``x``: same object, not edited in place since."""
+    if st is None or st[0] is not x:
+        return False
+    return st[2] is None or _is_compiling() or x._version == st[2]
 
 
 def check_installable(modules) -> None:
@@ -83,7 +128,9 @@ def _install_pre(engine: Engine, impl) -> list:
     tls = engine._tls
     current = engine.current
 
-    def site(step, slot, x, res, norm: _Norm):
+    def site(step, slot, x, res, norm: _Norm, use_norm: bool = True):
+        """add + patch + norm; ``use_norm=False``: the normed output will be discarded (and the norm
+        module's hooks must not run for it)."""
         D = x.shape[-1]
         x2 = x.reshape(-1, D)
         if not x2.is_contiguous():
@@ -94,7 +141,10 @@ def _install_pre(engine: Engine, impl) -> list:
             if not r2.is_contiguous():
                 r2 = r2.contiguous()
         o, r = run_norm(run, x2, r2, norm, step.slots[slot] if slot >= 0 else None)
-        return o.view(x.shape), r.view(x.shape)
+        h = r.view(x.shape)
+        if use_norm and hooked(norm.module):  # the norm's hooks must run on (and may change) its output
+            return norm.module(h), h
+        return o.view(x.shape), h
 
     def make_layer(i: int, block):
         attn = get_path(block, spec.attn)
@@ -103,8 +153,21 @@ def _install_pre(engine: Engine, impl) -> list:
         pmn = get_path(block, spec.post_mlp_norm) if spec.post_mlp_norm else None
         n1, n2 = ln1[i], ln2[i]
         nxt = ln1[i + 1] if i + 1 < L else final
+        # What runs between this layer's return and the next consumer of the stash: this block's
+        # forward hooks, then the next block's pre-hooks and (skipped on a hit) its ln1 with its hooks;
+        # or the final norm's pre-hooks (its forward hooks see the stashed output, that is fine).
+        next_block = layers[i + 1] if i + 1 < L else None
+        next_norm = nxt.module if nxt is not None else None
         names = param_names(type(block).forward)
         mid_key, post_key, pre_key = ("mid", i), ("post", i), ("pre", 0)
+
+        def can_stash() -> bool:
+            if block._forward_hooks or global_hooks():
+                return False
+            if next_block is not None:
+                return not (next_block._forward_pre_hooks or next_norm._forward_hooks
+                            or next_norm._forward_pre_hooks)
+            return not next_norm._forward_pre_hooks
 
         def forward(hidden_states, *args, **kwargs):
             if args:
@@ -112,7 +175,16 @@ def _install_pre(engine: Engine, impl) -> list:
             step = getattr(tls, "step", None) or current()
             plan = step.plan
             st = step.stash
-            if st is not None and st[0] is hidden_states:
+            hit = False
+            if i > 0 or st is not None:
+                step.stash = None
+                hit = stash_valid(st, hidden_states)
+                if not _is_compiling():
+                    if hit:
+                        engine.fusion_hits += 1
+                    else:
+                        engine.fusion_misses += 1
+            if hit:
                 normed, h = st[1], hidden_states
             elif i == 0:
                 normed, h = site(step, plan.pre_slot, hidden_states, None, n1)
@@ -135,13 +207,16 @@ def _install_pre(engine: Engine, impl) -> list:
             if pmn is not None:
                 m = pmn(m)
             if nxt is None:  # no final norm: plain add + patch, discard the norm output
-                normed, h = site(step, plan.post_slot[i], m, h, n1)
+                _, h = site(step, plan.post_slot[i], m, h, n1, use_norm=False)
                 normed = None
-            else:
+            elif can_stash():
                 normed, h = site(step, plan.post_slot[i], m, h, nxt)
+            else:  # the next consumer will run its norm itself (hooks included): no norm wanted here
+                _, h = site(step, plan.post_slot[i], m, h, nxt, use_norm=False)
+                normed = None
             if step.pending is not None:
                 engine.decide(step, post_key, h)
-            step.stash = None if normed is None else (h, normed)
+            step.stash = None if normed is None else (h, normed, version_of(h))
             return h
 
         return forward
@@ -155,9 +230,13 @@ def _install_pre(engine: Engine, impl) -> list:
             step = getattr(tls, "step", None)
             if step is not None:
                 st = step.stash
-                if st is not None and st[0] is x and not args and not kwargs:
-                    step.stash = None
+                step.stash = None
+                if st is not None and not args and not kwargs and stash_valid(st, x):
+                    if not _is_compiling():
+                        engine.fusion_hits += 1
                     return st[1]
+                if not _is_compiling():
+                    engine.fusion_misses += 1
             return cls_forward(final_mod, x, *args, **kwargs)
 
         final_mod.forward = final_forward

@@ -82,6 +82,18 @@ class Handle:
             if e.fire is not None:
                 e.fire.zero_()
 
+    # -- fusion --------------------------------------------------------------------------------
+    def fusion_stats(self) -> dict:
+        """``{"hits": n, "misses": m}`` since apply / the last reset: a hit is a fused layer (or the final
+        norm) that took its normed input from the previous fused site, a miss one that recomputed it
+        because a hook could have changed the stream in between (exact either way; misses cost one
+        norm each). Forwards inside torch.compile'd code are not counted; the hooks implementation
+        never fuses (always zero)."""
+        return {"hits": self.engine.fusion_hits, "misses": self.engine.fusion_misses}
+
+    def reset_fusion_stats(self) -> None:
+        self.engine.fusion_hits = self.engine.fusion_misses = 0
+
     # -- lifetime -----------------------------------------------------------------------------
     def remove(self) -> None:
         with self._lock:
