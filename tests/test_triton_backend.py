@@ -306,21 +306,42 @@ def test_gpu_check_dry_run(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    rc = gpu_check.main(["--dry-run", "--skip-tests", "--skip-model-bench", "--backends", "triton", "torch_unfused",
-                         "--ns", "1", "--ds", "32", "--variants", "none", "steer", "bank64_mixed",
-                         "--out-dir", str(tmp_path)])
+    rc = gpu_check.main(["--dry-run", "--parts", "kernels", "--impls", "triton", "torch_unfused",
+                         "--ns", "1", "--ds", "32", "--dtypes", "bf16", "--variants", "none", "steer",
+                         "bank256_mixed", "--out-dir", str(tmp_path)])
     assert rc == 0
     (report_path,) = tmp_path.glob("gpu_check_*.json")
     report = json.loads(report_path.read_text())
     assert report["environment"]["torch"] == torch.__version__
     rows = report["timings"]
-    assert {r["backend"] for r in rows} == {"triton", "torch_unfused"}
-    assert len(rows) == 2 * 3 and all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
+    assert {r["impl"] for r in rows} == {"triton", "torch_unfused"}
+    # every timed case was checked against the float64 reference first
+    assert len(rows) == 2 * 3 and all(r["ok"] and r["rows_checked"] == 1 and r["ms"] > 0 and r["GBps"] > 0
+                                      for r in rows)
     assert all(r["vs_unpatched"] for r in rows if r["variant"] != "none")
-    assert "| backend | variant |" in report_path.with_suffix(".md").read_text()
+    assert "| impl | chose |" in report_path.with_suffix(".md").read_text()
     # torch_unfused computes what the reference does (it is timed as the unfused baseline)
-    x, r, w, bank, index = gpu_check.make_inputs(5, 48, "bank64_mixed", "cpu", torch.float32)
+    x, r, w, bank, index = gpu_check.make_inputs(5, 48, "bank256_mixed", "cpu", torch.float32)
     out, res = gpu_check.torch_unfused(x, r, w, bank, index)
     exp_out, exp_res = fp.reference.fused_add_norm(x, r, w, bank=bank, index=index)
     torch.testing.assert_close(res, exp_res, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out, exp_out, rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_check_catches_a_wrong_output(monkeypatch):
+    """The check that guards every timed case fails a result that differs from the reference."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(gpu_check, "FULL_CHECK_ELEMENTS", 1000)  # large cases check three row ranges
+    x, r, w, bank, index = gpu_check.make_inputs(7000, 8, "lowrank16", "cpu", torch.bfloat16)
+    out, res = gpu_check.torch_unfused(x, r, w, bank, index)
+    good = gpu_check.check_case(out, res, x, r, w, bank, index)
+    assert good["ok"] and good["rows_checked"] == 3 * gpu_check.CHECK_RANGE_ROWS
+    bad = out.clone()
+    bad[-1, 3] += 1.0  # the last row: inside the checked end range
+    assert not gpu_check.check_case(bad, res, x, r, w, bank, index)["ok"]
