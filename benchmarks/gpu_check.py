@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("build", "tests", "kernels", "bench", "model")
 # Seconds per part at --budget-s 480 (~8 min: a 10-minute command limit with room to spare).
-PART_SECONDS = {"build": 150, "tests": 150, "kernels": 120, "bench": 30, "model": 30}
+PART_SECONDS = {"build": 120, "tests": 150, "kernels": 120, "bench": 45, "model": 45}
 DEFAULT_BUDGET_S = sum(PART_SECONDS.values())
 
 NS = (1, 8, 64, 512, 4096, 16384)
