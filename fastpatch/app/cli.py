@@ -7,7 +7,7 @@ import os
 import sys
 
 # Each module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMAND_MODULES = ("bench", "fit", "eval", "inspect", "convert", "demo", "build")
+COMMAND_MODULES = ("bench", "fit", "eval", "inspect", "convert", "demo", "build", "registry")
 
 
 def _load_commands():
