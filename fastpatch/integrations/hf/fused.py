@@ -36,7 +36,8 @@ from __future__ import annotations
 import torch
 from torch.nn.modules import module as _torch_module
 
-from ...kernels.backends import reference_backend as _reference
+from ...kernels import autograd as _autograd
+from .checkpointing import checkpointed, recomputing
 from ...core.reference import NORM_KINDS
 from .arch import get_path, norm_eps
 from .sites import UnsupportedModelError
@@ -57,15 +58,18 @@ class _Norm:
 
 
 def run_norm(run, x2, r2, norm: _Norm, slot):
-    """add + patch + norm of 2-D rows through ``run``, or through the differentiable reference ops
-    when the stream requires grad (the kernels have no backward). ``slot`` is a step slot or None."""
-    if x2.requires_grad or (r2 is not None and r2.requires_grad):
-        run = _reference.run
+    """add + patch + norm of 2-D rows through the backend's ``run``, or through the differentiable op
+    (:mod:`fastpatch.kernels.autograd`: the kernel forward, a hand-written backward) when autograd
+    records and the stream, the norm's parameters or the bank require grad. ``slot`` is a step slot or
+    None. Fire counts are not counted again while a checkpointed layer is recomputed."""
     mod = norm.module
     b = mod.bias if norm.has_bias else None
-    if slot is None:
-        return run(x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, None, None, None, None, None)
-    return run(x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, slot[0], slot[1], slot[2], None, None)
+    bank, index, fire = (None, None, None) if slot is None else slot[:3]
+    if _autograd.needs_grad(x2, r2, mod.weight, b, bank):
+        if fire is not None and recomputing():
+            fire = None
+        return _autograd.run(run, x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, bank, index, fire)
+    return run(x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, bank, index, fire, None, None)
 
 
 _GLOBAL_HOOKS = (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks)
@@ -163,6 +167,10 @@ def _install_pre(engine: Engine, impl) -> list:
 
         def can_stash() -> bool:
             if block._forward_hooks or global_hooks():
+                return False
+            # A checkpointed layer is one autograd unit, run again in backward: no tensor may cross
+            # into or out of it except its arguments and its return value.
+            if checkpointed(block) or (next_block is not None and checkpointed(next_block)):
                 return False
             if next_block is not None:
                 return not (next_block._forward_pre_hooks or next_norm._forward_hooks

@@ -8,6 +8,7 @@ from typing import Optional
 
 from .engine import Engine, build_plan, param_names, step_inputs
 from .fused import uninstall
+from .checkpointing import install as install_checkpointing
 
 MARK = "_fastpatch_handle"
 
@@ -148,6 +149,44 @@ def install_step_hooks(handle: Handle) -> None:
 
     handle._hooks.append(base.register_forward_pre_hook(pre, with_kwargs=True))
     handle._hooks.append(base.register_forward_hook(post, with_kwargs=True, always_call=True))
+    install_checkpointing(handle)  # gradient checkpointing recomputes layers in the forward's step
+    _mark_generate(handle)
+
+
+class _GenerateMark:
+    """Wraps ``model.generate`` (an instance attribute, removed with the handle) so that the engine
+    knows, per thread, that the batch may be expanded (num_return_sequences, beams)."""
+
+    def __init__(self, model, tls):
+        self.model, self.tls = model, tls
+        self.previous = model.__dict__.get("generate")  # an instance-level generate someone else set
+        self.inner = getattr(model, "generate")
+
+        def generate(*args, **kwargs):
+            prev = getattr(tls, "generating", False)
+            tls.generating = True
+            try:
+                return self.inner(*args, **kwargs)
+            finally:
+                tls.generating = prev
+
+        generate.__doc__ = getattr(self.inner, "__doc__", None)
+        generate.__wrapped__ = self.inner
+        self.wrapper = generate
+        model.generate = generate
+
+    def remove(self):
+        d = self.model.__dict__
+        if d.get("generate") is self.wrapper:
+            if self.previous is None:
+                del d["generate"]
+            else:
+                d["generate"] = self.previous
+
+
+def _mark_generate(handle: Handle) -> None:
+    if callable(getattr(handle.model, "generate", None)):
+        handle._hooks.append(_GenerateMark(handle.model, handle.engine._tls))
 
 
 def check_not_patched(model):
