@@ -83,6 +83,12 @@ def _layer_sites(num_layers: int) -> list[str]:
     return [f"layers.{i}.resid_post" for i in range(num_layers)]
 
 
+def variant_names(cfg: BenchConfig) -> list[str]:
+    """Every variant, in timing order (``--variants`` picks from these)."""
+    return ["hf_eager", "hf_hooks_steer", "fastpatch_unpatched", "fastpatch_steer", f"fastpatch_lowrank{cfg.rank}",
+            "fastpatch_gated", f"fastpatch_bank{cfg.bank_size}_mixed"]
+
+
 def _variants(cfg: BenchConfig, D: int, L: int, device) -> dict[str, Callable]:
     """name -> function(model) that patches the model and returns its handle (None: left as it is).
 
@@ -115,15 +121,16 @@ def _variants(cfg: BenchConfig, D: int, L: int, device) -> dict[str, Callable]:
     banks = {s: bank() for s in sites}
 
     b = cfg.backend
-    return {
-        "hf_eager": lambda m: None,
-        "hf_hooks_steer": lambda m: hooks.apply(m, hooked),
-        "fastpatch_unpatched": lambda m: fp.apply(m, nothing, backend=b),
-        "fastpatch_steer": lambda m: fp.apply(m, steered, backend=b),
-        f"fastpatch_lowrank{cfg.rank}": lambda m: fp.apply(m, lowranks, backend=b),
-        "fastpatch_gated": lambda m: fp.apply(m, gateds, backend=b),
-        f"fastpatch_bank{cfg.bank_size}_mixed": lambda m: fp.apply(m, banks, backend=b).select(mixed_ids),
-    }
+    appliers = [
+        lambda m: None,                                               # hf_eager
+        lambda m: hooks.apply(m, hooked),                             # hf_hooks_steer
+        lambda m: fp.apply(m, nothing, backend=b),                    # fastpatch_unpatched
+        lambda m: fp.apply(m, steered, backend=b),                    # fastpatch_steer
+        lambda m: fp.apply(m, lowranks, backend=b),                   # fastpatch_lowrank{rank}
+        lambda m: fp.apply(m, gateds, backend=b),                     # fastpatch_gated
+        lambda m: fp.apply(m, banks, backend=b).select(mixed_ids),    # fastpatch_bank{size}_mixed
+    ]
+    return dict(zip(variant_names(cfg), appliers, strict=True))
 
 
 @contextmanager
@@ -179,6 +186,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True, model=None) -> dict:
     """Time every variant on one model (``model``, else built from ``cfg``); the model is left unpatched."""
     from tqdm.auto import tqdm
 
+    unknown = sorted(set(cfg.variants) - set(variant_names(cfg)))
+    if unknown:  # before the model loads
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(variant_names(cfg))}")
     if model is None:
         model = build_model(cfg, progress=progress)
     p0 = next(model.parameters())
@@ -186,9 +196,6 @@ def run_bench(cfg: BenchConfig, progress: bool = True, model=None) -> dict:
     D, L = model.config.hidden_size, model.config.num_hidden_layers
     makers = _variants(cfg, D, L, device)
     names = [n for n in makers if not cfg.variants or n in cfg.variants]
-    unknown = sorted(set(cfg.variants) - set(makers))
-    if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(makers)}")
 
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     prompt = torch.randint(0, model.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=gen).to(device)

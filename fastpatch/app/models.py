@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -164,6 +165,19 @@ def tiny_model(seed: int = 0):
     return tf.LlamaForCausalLM(cfg).eval(), ByteTokenizer()
 
 
+@contextmanager
+def hf_progress(enabled: bool):
+    """transformers' own bars (loading weights, dequantising a GGUF) on or off for one load."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def _looks_like_path(name: str) -> bool:
     """Hub ids are 'name' or 'org/name'; anything else with a separator is meant as a folder."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
@@ -207,9 +221,11 @@ def load_model(name: str = "smollm2", dtype=torch.float32, device=None, *, token
         model, tok = tiny_model()
         model = model.to(dtype)
     elif name == "smollm2":
-        model, tok = load_smollm2(dtype, progress=progress)  # converts the GGUF once, then loads the cache
+        with hf_progress(progress):
+            model, tok = load_smollm2(dtype, progress=progress)  # converts the GGUF once, then loads the cache
     else:
-        model, tok = load_pretrained(name, dtype, tokenizer=tokenizer)
+        with hf_progress(progress):
+            model, tok = load_pretrained(name, dtype, tokenizer=tokenizer)
     if device is not None:
         try:
             model = model.to(device)

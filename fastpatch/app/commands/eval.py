@@ -48,6 +48,7 @@ def run(args) -> int:
 
     import fastpatch
     from ..sentiment_demo import load_prompts
+    from ...files.patch_file import ModelMismatchError
     from ...lifecycle.evaluation import evaluate
     from .common import load_model_from_args, show_progress
 
@@ -59,7 +60,10 @@ def run(args) -> int:
     if not targets or not neutral:
         raise ValueError(f"{args.prompts or 'the prompts file'}: needs non-empty 'targets' and 'neutral' lists")
     model, tok = load_model_from_args(args)
-    patches = fastpatch.load(args.patch, model=model, force=args.force)
+    try:
+        patches = fastpatch.load(args.patch, model=model, force=args.force)
+    except ModelMismatchError as exc:  # the library's advice, in the command's words
+        raise ModelMismatchError(str(exc).replace("Pass force=True", "Pass --force")) from None
     conts = args.continuations or data.get("continuations")
     rep = evaluate(model, tok, patches, targets, neutral, metric=args.metric, continuations=conts,
                    read_site=args.read_site, position=args.position, progress=show_progress(args))
