@@ -1,0 +1,134 @@
+"""fastpatch inside vLLM (in-process engine, eager): per-request patches on real SmolLM2-135M.
+
+Oracles: Hugging Face + fastpatch.apply of the same file, decoded greedily with full forwards; vanilla vLLM
+(an engine started without the fastpatch section) for requests without a patch; a plain forward hook for
+the steer. One vanilla and one patched engine are shared by the module (each start takes ~10 s here).
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from test_vllm_common import (MAX_TOKENS, PROMPTS, TOL, engine, hf_greedy, kind_patches, sampling, smollm2_folder,
+                              tokens_and_logprobs, vllm_or_skip, write_files)
+
+KINDS = list(kind_patches(576))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    vllm_or_skip()
+    from fastpatch.app.models import load_smollm2
+
+    folder = smollm2_folder()
+    hf, tok = load_smollm2()
+    files = write_files(tmp_path_factory.mktemp("vllm_patches"), hf, kind_patches(hf.config.hidden_size))
+    # Vanilla first (its outputs only), then the patched engine for the rest of the module.
+    vanilla = engine(folder)
+    vanilla_out = vanilla.generate(PROMPTS, [sampling() for _ in PROMPTS], use_tqdm=False)
+    del vanilla
+    gc.collect()
+    llm = engine(folder, {"patches": files})
+    return dict(folder=folder, hf=hf, tok=tok, files=files, llm=llm, vanilla=vanilla_out)
+
+
+@pytest.fixture(scope="module")
+def mixed(setup):
+    """One batch: every patch kind on prompt 0, plus every prompt unpatched."""
+    llm = setup["llm"]
+    names = KINDS + [None] * len(PROMPTS)
+    prompts = [PROMPTS[0]] * len(KINDS) + PROMPTS
+    outs = llm.generate(prompts, [sampling(n) for n in names], use_tqdm=False)
+    return {(p, n): o for p, n, o in zip(prompts, names, outs)}
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_every_kind_matches_hf(setup, mixed, name):
+    out = mixed[(PROMPTS[0], name)]
+    toks, lps = tokens_and_logprobs(out)
+    ref_toks, ref_lps = hf_greedy(setup["hf"], out.prompt_token_ids, MAX_TOKENS, setup["files"][name])
+    assert toks == ref_toks
+    assert max(abs(a - b) for a, b in zip(lps, ref_lps)) <= TOL
+    plain_toks, plain_lps = tokens_and_logprobs(mixed[(PROMPTS[0], None)])
+    assert lps != plain_lps, "the patch must change something (else the comparison proves nothing)"
+
+
+def test_steer_matches_a_plain_hook(setup, mixed):
+    """Independent of fastpatch's HF engine: a forward hook adds the vector to layer 10's output."""
+    hf = setup["hf"]
+    v = kind_patches(576)["steer"]["layers.10.resid_post"].canonical().shift.float()
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + v,) + tuple(output[1:])
+        return output + v
+
+    h = hf.model.layers[10].register_forward_hook(hook)
+    try:
+        out = mixed[(PROMPTS[0], "steer")]
+        ref_toks, ref_lps = hf_greedy(hf, out.prompt_token_ids, MAX_TOKENS)
+    finally:
+        h.remove()
+    toks, lps = tokens_and_logprobs(out)
+    assert toks == ref_toks
+    assert max(abs(a - b) for a, b in zip(lps, ref_lps)) <= TOL
+
+
+def test_unpatched_requests_are_bit_identical_to_vanilla(setup):
+    """Same batch as the vanilla engine ran: tokens and logprobs equal bit for bit."""
+    outs = setup["llm"].generate(PROMPTS, [sampling() for _ in PROMPTS], use_tqdm=False)
+    for got, ref in zip(outs, setup["vanilla"]):
+        assert tokens_and_logprobs(got) == tokens_and_logprobs(ref)
+
+
+def test_unpatched_rows_in_a_mixed_batch_match_hf(setup, mixed):
+    for p in PROMPTS:
+        out = mixed[(p, None)]
+        toks, lps = tokens_and_logprobs(out)
+        ref_toks, ref_lps = hf_greedy(setup["hf"], out.prompt_token_ids, MAX_TOKENS)
+        assert toks == ref_toks
+        assert max(abs(a - b) for a, b in zip(lps, ref_lps)) <= TOL
+
+
+def test_mixed_batch_equals_each_alone(setup, mixed):
+    llm = setup["llm"]
+    for name in ("steer", "lowrank", "gated"):
+        alone = llm.generate([PROMPTS[0]], [sampling(name)], use_tqdm=False)[0]
+        a_toks, a_lps = tokens_and_logprobs(alone)
+        m_toks, m_lps = tokens_and_logprobs(mixed[(PROMPTS[0], name)])
+        assert a_toks == m_toks
+        assert max(abs(a - b) for a, b in zip(a_lps, m_lps)) <= 1e-4
+
+
+def test_prefix_cache_never_shares_blocks_between_patched_and_unpatched(setup):
+    """An unpatched request caches a long prompt; the same prompt patched must not reuse that KV."""
+    llm = setup["llm"]
+    prompt = "In the beginning of the story, a young engineer walked along the river and thought about " * 3
+    first = llm.generate([prompt], [sampling()], use_tqdm=False)[0]
+    again = llm.generate([prompt], [sampling()], use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0, "prefix caching must be on for this test to mean anything"
+    patched = llm.generate([prompt], [sampling("steer_mid")], use_tqdm=False)[0]
+    assert not patched.num_cached_tokens
+    toks, lps = tokens_and_logprobs(patched)
+    ref_toks, ref_lps = hf_greedy(setup["hf"], patched.prompt_token_ids, MAX_TOKENS, setup["files"]["steer_mid"])
+    assert toks == ref_toks
+    assert max(abs(a - b) for a, b in zip(lps, ref_lps)) <= TOL
+    # A second patched request does share the patched prefix; it must equal the first.
+    patched_again = llm.generate([prompt], [sampling("steer_mid")], use_tqdm=False)[0]
+    assert patched_again.num_cached_tokens > 0
+    assert tokens_and_logprobs(patched_again)[0] == toks
+    assert tokens_and_logprobs(first)[0] == tokens_and_logprobs(again)[0]
+
+
+def test_unknown_patch_name_is_a_clear_error_and_the_engine_keeps_serving(setup):
+    from vllm.exceptions import VLLMValidationError
+
+    llm = setup["llm"]
+    with pytest.raises(VLLMValidationError, match="unknown patch 'nope'.*steer"):
+        llm.generate([PROMPTS[0]], [sampling("nope")], use_tqdm=False)
+    with pytest.raises(VLLMValidationError, match="string"):
+        llm.generate([PROMPTS[0]], [sampling(3)], use_tqdm=False)
+    out = llm.generate([PROMPTS[0]], [sampling("steer")], use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == MAX_TOKENS
