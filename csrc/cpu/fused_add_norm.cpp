@@ -20,6 +20,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -40,14 +43,130 @@ using Tail = std::false_type;  // the last, partial chunk of a row
 // Row I/O: a storage dtype T seen as fp32 vectors. Tail loads zero-fill the unused lanes, so sums
 // and dot products over a tail chunk need no masking.
 
+// Reduced-precision I/O is written with intrinsics where torch compiled at::vec for AVX512 or
+// AVX2: at::vec converts bf16/fp16 two vectors at a time (convert_from_float(a, b)), so storing one
+// vector of rounded values cost a double conversion plus a round trip back to fp32, which made
+// bf16 rows compute-bound at a third of fp32's bandwidth. Here one vector is rounded in the fp32
+// bit domain (round to nearest even, exactly c10::BFloat16's rule, NaN -> 0x7fc0), stored with one
+// narrowing move, and the rounded fp32 values fall out of the same bits. Tails use masked loads
+// and stores instead of scalar loops.
+#if defined(CPU_CAPABILITY_AVX512)
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// fp32 lanes rounded to bf16, kept as fp32 bit patterns (low 16 bits zero).
+inline __m512i round_to_bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+  return _mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0x7fc00000), r);
+}
+
+template <typename T>
+inline Vec widen(__m256i h) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  } else {
+    return Vec(_mm512_cvtph_ps(h));
+  }
+}
+
+template <typename T>
+inline Vec load_reduced(const T* p, int64_t n, bool full) {
+  const __m256i h = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                         : _mm256_maskz_loadu_epi16(tail_mask(n), p);
+  return widen<T>(h);
+}
+
+// Round v to T, store n (or all) lanes, return the rounded values in fp32.
+template <typename T>
+inline Vec store_reduced(T* p, const Vec& v, int64_t n, bool full) {
+  __m256i h;
+  Vec rounded;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512i r = round_to_bf16_bits(v);
+    h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+    rounded = Vec(_mm512_castsi512_ps(r));
+  } else {
+    h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    rounded = Vec(_mm512_cvtph_ps(h));
+  }
+  if (full) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  else _mm256_mask_storeu_epi16(p, tail_mask(n), h);
+  return rounded;
+}
+#define FASTPATCH_REDUCED_SIMD 1
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256i round_to_bf16_bits(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  r = _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __m256 ordered = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)),
+                                              _mm256_castsi256_ps(r), ordered));
+}
+
+template <typename T>
+inline Vec widen(__m128i h) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  } else {
+    return Vec(_mm256_cvtph_ps(h));
+  }
+}
+
+template <typename T>
+inline Vec load_reduced(const T* p, int64_t n, bool full) {
+  __m128i h;
+  if (full) {
+    h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else {  // AVX2 has no 16-bit masked load: at most 7 elements through a zeroed copy
+    alignas(16) uint16_t tmp[8] = {};
+    std::memcpy(tmp, p, n * sizeof(T));
+    h = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+  }
+  return widen<T>(h);
+}
+
+template <typename T>
+inline Vec store_reduced(T* p, const Vec& v, int64_t n, bool full) {
+  __m128i h;
+  Vec rounded;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i r = round_to_bf16_bits(v);
+    const __m256i hi = _mm256_srli_epi32(r, 16);
+    h = _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+    rounded = Vec(_mm256_castsi256_ps(r));
+  } else {
+    h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    rounded = Vec(_mm256_cvtph_ps(h));
+  }
+  if (full) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  } else {
+    alignas(16) uint16_t tmp[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), h);
+    std::memcpy(p, tmp, n * sizeof(T));
+  }
+  return rounded;
+}
+#define FASTPATCH_REDUCED_SIMD 1
+#endif
+
 template <typename T>
 inline Vec load_full(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(p);
   } else {
+#ifdef FASTPATCH_REDUCED_SIMD
+    return load_reduced<T>(p, kLanes, true);
+#else
     Vec v;
     at::vec::load_to_float<T>(p, v);
     return v;
+#endif
   }
 }
 
@@ -56,9 +175,13 @@ inline Vec load_tail(const T* p, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(p, n);
   } else {
+#ifdef FASTPATCH_REDUCED_SIMD
+    return load_reduced<T>(p, n, false);
+#else
     alignas(64) float tmp[kLanes] = {};
     for (int64_t l = 0; l < n; ++l) tmp[l] = static_cast<float>(p[l]);
     return Vec::loadu(tmp);
+#endif
   }
 }
 
@@ -81,21 +204,27 @@ inline Vec store_rounded(T* p, const Vec& v, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     store_f32<Chunk>(p, v, n);
     return v;
-  } else if constexpr (Chunk::value) {
-    auto packed = at::vec::convert_from_float<T>(v, v);  // round to nearest even, as torch does
-    // Only the low half is ours; Vectorized<T>::store(p, count) would bounce through a stack copy.
-    static_assert(sizeof(packed) == 2 * kLanes * sizeof(T), "Vectorized<T> holds 2x float lanes");
-    std::memcpy(p, &packed, kLanes * sizeof(T));
-    return std::get<0>(at::vec::convert_to_float<T>(packed));
   } else {
-    alignas(64) float tmp[kLanes];
-    v.store(tmp);
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const T r = static_cast<T>(l < n ? tmp[l] : 0.f);
-      if (l < n) p[l] = r;
-      tmp[l] = static_cast<float>(r);
+#ifdef FASTPATCH_REDUCED_SIMD
+    return store_reduced<T>(p, v, n, Chunk::value);
+#else
+    if constexpr (Chunk::value) {
+      auto packed = at::vec::convert_from_float<T>(v, v);  // round to nearest even, as torch does
+      // Only the low half is ours; Vectorized<T>::store(p, count) would bounce through a stack copy.
+      static_assert(sizeof(packed) == 2 * kLanes * sizeof(T), "Vectorized<T> holds 2x float lanes");
+      std::memcpy(p, &packed, kLanes * sizeof(T));
+      return std::get<0>(at::vec::convert_to_float<T>(packed));
+    } else {
+      alignas(64) float tmp[kLanes];
+      v.store(tmp);
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const T r = static_cast<T>(l < n ? tmp[l] : 0.f);
+        if (l < n) p[l] = r;
+        tmp[l] = static_cast<float>(r);
+      }
+      return Vec::loadu(tmp);
     }
-    return Vec::loadu(tmp);
+#endif
   }
 }
 

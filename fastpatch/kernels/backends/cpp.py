@@ -3,6 +3,11 @@
 The kernel is compiled for the SIMD level torch itself picked for this CPU (AVX512, AVX2 or the
 portable default), never with -march=native: the flags are part of torch's extension-cache hash,
 so a cache shared with a different machine rebuilds instead of running foreign instructions.
+
+It is built with OpenMP when torch's own CPU parallel backend is OpenMP (the default wheels): then
+at::parallel_for in the kernel runs on torch's thread pool, honouring torch.set_num_threads(), and
+the extension links the libgomp that torch already loaded (same soname, one runtime). Without
+OpenMP at::parallel_for would run every call on the calling thread.
 """
 from __future__ import annotations
 
@@ -47,6 +52,16 @@ def _simd_flags() -> list[str]:
     return []
 
 
+def _openmp_flags() -> list[str]:
+    if os.environ.get("FASTPATCH_CPU_NO_OPENMP"):  # escape hatch: single-threaded kernel
+        return []
+    try:
+        uses_openmp = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+    except Exception:  # pragma: no cover
+        return []
+    return ["-fopenmp"] if uses_openmp else []
+
+
 def build(verbose: bool = False) -> None:
     """Compile (or load from torch's extension cache) the kernel and register its fake impl."""
     global _built, _error, _op, _direct
@@ -60,7 +75,8 @@ def build(verbose: bool = False) -> None:
                 raise FileNotFoundError(f"C++ sources not found under {_CSRC}")
             # A Python module too (not just the TORCH_LIBRARY op): see _direct.
             module = load(name="fastpatch_cpu", sources=[str(s) for s in _SOURCES],
-                          extra_cflags=["-O3", "-std=c++17", *_simd_flags()],
+                          extra_cflags=["-O3", "-std=c++17", *_simd_flags(), *_openmp_flags()],
+                          extra_ldflags=_openmp_flags(),
                           extra_include_paths=[str(_CSRC)], is_python_module=True, verbose=verbose)
             _register_fake()
             _op = torch.ops.fastpatch_cpp.fused_add_norm.default
