@@ -102,6 +102,7 @@ class Governance:
     def _version(self, name: str, version: str) -> dict:
         rec = self.store.get_version(check_name(name), check_version(version))
         if rec is None:
+            self._set(name)  # an unknown set says so
             known = [v["version"] for v in self.store.list_versions(name)]
             raise KeyError(f"{name!r} has no version {version!r}; published: {known}")
         return rec
