@@ -112,7 +112,7 @@ def engine(folder, config=None, **kw):
     from vllm import LLM
 
     args = dict(model=folder, enforce_eager=True, dtype="float32", max_model_len=256, max_num_seqs=16, seed=0,
-                enable_prefix_caching=True)
+                enable_prefix_caching=True, block_size=32)
     args.update(kw)
     if config is not None:
         args["additional_config"] = {"fastpatch": config}
