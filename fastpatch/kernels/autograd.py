@@ -159,19 +159,24 @@ def _rows(index, N: int, P: int, gate, h):
         k = torch.where(fires, idx, torch.zeros_like(idx))
     if gate is not None:
         gdir, gthr, gmode = gate
-        proj = (h @ gdir.float().t()).gather(1, k.unsqueeze(1)).squeeze(1)  # [N, P] then the row's patch
+        proj = (h @ gdir.to(h.dtype).t()).gather(1, k.unsqueeze(1)).squeeze(1)  # [N, P] then the row's patch
         hn = h.norm(dim=-1)
         safe = torch.where(hn > 0, hn, torch.ones_like(hn))
         cosine = torch.where(hn > 0, proj / safe, torch.zeros_like(hn))
         mode = gmode.long()[k]
         metric = torch.where((mode == GATE_COSINE_ABOVE) | (mode == GATE_COSINE_BELOW), cosine, proj)
-        thr = gthr.float()[k]
+        thr = gthr.to(h.dtype)[k]
         above = (mode == GATE_COSINE_ABOVE) | (mode == GATE_PROJECTION_ABOVE)
         f = torch.where(above, metric > thr, metric < thr) | (mode == GATE_NONE)
         fires = f if fires is None else fires & f
     if fires is None:
-        return k, torch.ones(N, dtype=torch.float32, device=h.device)
-    return k, fires.float()
+        return k, torch.ones(N, dtype=h.dtype, device=h.device)
+    return k, fires.to(h.dtype)
+
+
+def _acc(dtype):
+    """The accumulation dtype: fp32 as the kernels use (float64 only for gradcheck through the reference)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block(z, k, P: int):
@@ -208,16 +213,17 @@ class _FusedAddPatchNorm(torch.autograd.Function):
             ctx.bank = None
             return out, h1
         P, R = shift.shape[0], (down.shape[1] if down is not None else 0)
-        h = x.float()
+        acc = _acc(x.dtype)
+        h = x.to(acc)
         if residual is not None:
-            h = h + residual.float()
+            h = h + residual.to(acc)
         k, m = _rows(index, N, P, gate, h)
-        delta = shift.float()[k] * m.unsqueeze(1)
+        delta = shift.to(acc)[k] * m.unsqueeze(1)
         z = None
         if R:
-            zf = torch.addmm(lbias.float().reshape(1, P * R), h, down.float().reshape(P * R, D).t())
+            zf = torch.addmm(lbias.to(acc).reshape(1, P * R), h, down.to(acc).reshape(P * R, D).t())
             z = _unblock(zf, k, P)
-            delta += _block(z * m.unsqueeze(1), k, P) @ up.float().reshape(P * R, D)
+            delta += _block(z * m.unsqueeze(1), k, P) @ up.to(acc).reshape(P * R, D)
         h1 = (h + delta).to(x.dtype)
         out, _ = run(h1, None, weight, nbias, eps, norm_kind, offset, None, None, None, None, h1)
         if fire_counts is not None:
@@ -232,7 +238,8 @@ class _FusedAddPatchNorm(torch.autograd.Function):
         saved = ctx.saved_tensors
         h1, weight = saved[0], saved[1]
         need = ctx.needs_input_grad
-        y = h1.float()
+        acc = _acc(xdtype)
+        y = h1.to(acc)
         N, D = y.shape
         dw = dnb = None
         dh = None
@@ -244,19 +251,19 @@ class _FusedAddPatchNorm(torch.autograd.Function):
                 yc = y - y.mean(-1, keepdim=True)
                 rstd = torch.rsqrt(yc.square().mean(-1, keepdim=True) + eps)
                 yhat = yc * rstd
-            go = g_out.float()
+            go = g_out.to(acc)
             if need[2]:
                 dw = (go * yhat).sum(0).to(weight.dtype)
             if need[3]:
                 dnb = go.sum(0).to(nbdtype)
-            gy = go * (weight.float() + offset) if weight is not None else go * (1.0 + offset)
+            gy = go * (weight.to(acc) + offset) if weight is not None else go * (1.0 + offset)
             c = (gy * yhat).mean(-1, keepdim=True)
             if norm_kind == _RMS:
                 dh = rstd * (gy - yhat * c)
             else:
                 dh = rstd * (gy - gy.mean(-1, keepdim=True) - yhat * c)
         if g_res is not None:
-            dh = g_res.float() if dh is None else dh + g_res.float()
+            dh = g_res.to(acc) if dh is None else dh + g_res.to(acc)
         if dh is None:
             dh = y.new_zeros(N, D)
         ddown = dlb = dup = dshift = None
@@ -265,11 +272,11 @@ class _FusedAddPatchNorm(torch.autograd.Function):
             z, k, m, down, up, shift = saved[2:]
             m1 = m.unsqueeze(1)
             if need[7]:
-                dshift = torch.zeros(P, D, dtype=torch.float32, device=y.device).index_add_(0, k, dh * m1)
+                dshift = torch.zeros(P, D, dtype=acc, device=y.device).index_add_(0, k, dh * m1)
                 dshift = dshift.to(shift.dtype)
             if R:
-                up2 = up.float().reshape(P * R, D)
-                down2 = down.float().reshape(P * R, D)
+                up2 = up.to(acc).reshape(P * R, D)
+                down2 = down.to(acc).reshape(P * R, D)
                 dz = _unblock(dh @ up2.t(), k, P) * m1  # dL/dz per row (its own patch), gated
                 dzb = _block(dz, k, P)
                 if need[5]:
@@ -280,7 +287,7 @@ class _FusedAddPatchNorm(torch.autograd.Function):
                 if need[4]:
                     # h before the patch, recovered from h' (h = h' − m·(z·up + shift)): no N·D saved for it
                     zb = _block(z * m1, k, P)
-                    hpre = y - zb @ up2 - shift.float()[k] * m1
+                    hpre = y - zb @ up2 - shift.to(acc)[k] * m1
                     ddown = (dzb.t() @ hpre).view(P, R, D).to(down.dtype)
                 dh = dh + dzb @ down2
         dx = dh.to(xdtype) if (need[0] or need[1]) else None
