@@ -4,7 +4,13 @@ A scope is written as a string (also accepted wherever a Scope is):
 
 - "all": every position (the default)
 - "prompt": prompt positions only; "generated": generated positions only
-- "f{p}+l{s}" (pyreft's notation): the first p and the last s prompt positions; "f{p}" or "l{s}" alone
+- "f{p}+l{s}" (pyreft's notation): the first p and the last s prompt positions; "f{p}" or "l{s}" alone.
+  As in pyreft (``get_intervention_locations``), p and s are each capped at n // 2 for a prompt of n
+  real tokens, so the two ends never overlap and a short prompt is not patched everywhere: "f3+l3" on
+  a 4-token prompt patches positions 0, 1 and 2, 3; on a 3-token prompt only 0 and 2. pyreft's
+  examples (LoReFT) pass ``last_position`` = the prompt length, which is what fastpatch does; its
+  generic ``ReftDataset`` passes the prompt length − 1 after prepending a pad token, which leaves the
+  prompt's final token out of the last s (to reproduce that, scope the prompt without its last token).
 
 Model surgery turns a scope into a per-row patch index on the device at every step.
 """

@@ -9,15 +9,19 @@ from .engine import Engine, build_plan
 from .fused import install, uninstall
 from .handle import MARK, Handle, check_not_patched, install_step_hooks
 from .sites import UnsupportedModelError, model_info
-from . import hooks
+from . import drift, hooks
 
 
 def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Optional[str] = None,
-          count_fires: bool = False) -> Handle:
+          count_fires: bool = False, verify: bool = True) -> Handle:
     """Fuse ``patches`` ({site: patch | PatchBank | Scoped | cast.Conditional | None}) into ``model``.
 
     Atomic: any error leaves the model untouched. ``fallback="hooks"`` uses
-    :func:`fastpatch.hooks.apply` for architectures without a fused implementation.
+    :func:`fastpatch.hooks.apply` for architectures without a fused implementation (or whose fused
+    implementation fails the check below). ``verify`` (default on): run each distinct fused module
+    class once both ways on a tiny random input and refuse (:class:`~.drift.FusedMismatchError`,
+    naming the class) if the fused forward does not reproduce the class's own forward — a guard
+    against transformers releases that change a block (see :mod:`.drift`).
     """
     if fallback not in (None, "hooks"):
         raise ValueError(f"fallback must be None or 'hooks', got {fallback!r}")
@@ -37,14 +41,22 @@ def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Opti
     plan = build_plan(info, patches, count_fires)
     engine = Engine(info, plan, count_fires)
     handle = Handle(model, engine, backend)
+    captured = drift.capture_block_inputs(info) if verify and info.spec.style == "pre" else None
     try:
         handle._targets = install(engine, impl)
+        if verify:
+            if captured is not None:
+                drift.check_pre(engine, captured)
+            else:
+                drift.check_post(engine)
         install_step_hooks(handle)
         setattr(model, MARK, handle)
-    except BaseException:
+    except BaseException as exc:
         for h in handle._hooks:
             h.remove()
         uninstall(handle._targets)
+        if isinstance(exc, drift.FusedMismatchError) and fallback == "hooks":
+            return hooks.apply(model, patches, count_fires=count_fires)
         raise
     return handle
 

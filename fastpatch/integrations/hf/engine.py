@@ -95,6 +95,10 @@ def _unwrap(value):
     return value, scope, condition
 
 
+def _bank_dtype(model_dtype):
+    return model_dtype if model_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
 def build_plan(info: ModelInfo, patches: dict, count_fires: bool) -> Plan:
     """Validate ``patches`` fully and build a plan; raises before anything is changed."""
     if not isinstance(patches, dict):
@@ -133,7 +137,9 @@ def build_plan(info: ModelInfo, patches: dict, count_fires: bool) -> Plan:
                 if p.hidden_size != D:
                     raise ValueError(f"site {name!r}: patch hidden size {p.hidden_size} differs from the "
                                      f"model's hidden size {D}")
-            bank = PatchBank(list(plist), D, device=info.device, dtype=torch.float32)
+            # In the model's dtype, like the hooks path (the kernels accumulate in float32 anyway): half
+            # the memory and bandwidth of a float32 bank in a bf16/fp16 model, one less cast per site.
+            bank = PatchBank(list(plist), D, device=info.device, dtype=_bank_dtype(info.dtype))
         if condition is not None:
             if not isinstance(condition, Condition):
                 raise TypeError(f"site {name!r}: condition must be a fastpatch.cast.Condition")
@@ -186,6 +192,7 @@ class Engine:
         # it (see fused.py); plain ints, not updated inside torch.compile'd regions.
         self.fusion_hits = 0
         self.fusion_misses = 0
+        self._expand_memo = None  # (ids, B, ids expanded to B rows)
 
     # --- per forward -------------------------------------------------------------------------
     def current(self) -> Step:
@@ -215,8 +222,7 @@ class Engine:
             raise RuntimeError("a site holds a PatchBank of several patches: call handle.select(ids) to say "
                                "which patch each sequence (or token) uses before running the model")
         if ids is not None and ids.shape[0] != B:
-            raise ValueError(f"handle.select() was given ids for a batch of {ids.shape[0]}, the model is "
-                             f"running a batch of {B}")
+            ids = self._expanded(ids, B)
         step = Step(plan)
         step.ids = ids
         step.prev = getattr(self._tls, "step", None)
@@ -263,6 +269,25 @@ class Engine:
             step.slots[e.slot] = (e.bank, idx, e.fire, e)
         return step
 
+    def _expanded(self, ids, B: int):
+        """Inside ``generate`` (the handle marks it per thread), ids for n sequences on a batch of k·n
+        rows: ``num_return_sequences`` and beam search run k consecutive copies of each sequence
+        (transformers' ``_expand_inputs_for_generation`` repeat_interleaves the batch) and beam
+        reordering only moves rows among the copies of one sequence, so row r belongs to sequence
+        r // k for the whole generation. CAST decisions need nothing: every copy decides the same.
+        Elsewhere a size mismatch is an error (a silent expansion could hide a wrong batch)."""
+        n = ids.shape[0]
+        if not getattr(self._tls, "generating", False) or B % n:
+            raise ValueError(f"handle.select() was given ids for a batch of {n}, the model is running a "
+                             f"batch of {B}" + ("" if B % n else " outside generate() (inside generate, "
+                                                "num_return_sequences / num_beams copies follow the ids)"))
+        hit = self._expand_memo
+        if hit is not None and hit[0] is ids and hit[1] == B:
+            return hit[2]
+        out = ids.repeat_interleave(B // n, dim=0)
+        self._expand_memo = (ids, B, out)  # same object every step: the decode index cache keeps hitting
+        return out
+
     def end(self, output=None) -> None:
         step = getattr(self._tls, "step", None)
         if step is None:
@@ -299,7 +324,8 @@ class Engine:
                 real = m if m is not None else torch.ones(step.B, step.S, dtype=torch.bool, device=device)
                 rank = real.to(torch.int32).cumsum(1) - 1
                 n = real.sum(1, keepdim=True, dtype=torch.int32)
-                m = real & ((rank < scope.first) | (rank >= n - scope.last))
+                half = torch.div(n, 2, rounding_mode="floor")  # pyreft caps p and s at n // 2 (see scope.py)
+                m = real & ((rank < half.clamp(max=scope.first)) | (rank >= n - half.clamp(max=scope.last)))
         else:
             if kind in ("prompt", "edges"):
                 return _SKIP
