@@ -13,7 +13,7 @@ from fastpatch.app.model_bench import BenchConfig, run_bench
 from models import tiny_model
 
 TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
-        "--vocab", "256", "--batch", "3", "--prompt-len", "8", "--new-tokens", "3", "--repeats", "2",
+        "--vocab", "256", "--batch", "3", "--prompt-len", "8", "--new-tokens", "3", "--decode-block", "2", "--repeats", "2",
         "--quiet"]
 
 
@@ -26,6 +26,7 @@ def test_bench_runs_all_variants_and_writes_files(tmp_path, capsys):
                      "fastpatch_lowrank16", "fastpatch_gated", "fastpatch_bank8_mixed"]
     for row in result["rows"]:
         assert row["prefill_ms"] > 0 and row["decode_ms_per_token"] > 0
+        assert row["samples"] == {"prefill": 2, "decode": 3}  # decode blocks of 2 + 1 steps
         assert row["decode_vs_hf_eager"] > 0
     assert result["rows"][0]["decode_vs_hf_eager"] == 1.0
     assert (tmp_path / "bench.png").stat().st_size > 1000

@@ -1,12 +1,15 @@
 """Model-level benchmark behind `fastpatch bench`: HF eager vs hooks vs fused patches.
 
-All variants share one model: before each timed forward the variant's patches are applied and
-after it they are removed (both outside the timed region), so the timed region holds only the
-forward and an 8B model needs the memory of one copy, not seven. Every variant is checked once to
-leave the model's output bit-for-bit as it found it. Variants run round-robin: each prefill repeat
-and each decode step is timed for all variants back to back (each with its own KV cache), and ratios
-are medians of those paired samples — CPU timings here swing several-fold between runs, paired
-ratios much less.
+All variants share one model, so an 8B model needs the memory of one copy, not seven: a variant's
+patches are applied, its forwards timed, and the patches removed again (applying and removing stay
+outside the timed region). Every variant is checked once to leave the model's output bit-for-bit as
+it found it. Variants run round-robin: each prefill repeat, and each block of ``decode_block``
+decode steps, is timed for all variants back to back (each variant with its own KV cache), and ratios
+are medians of the paired samples (step j of a block against step j of the other variants' blocks
+of the same round) — CPU timings here swing several-fold between runs, paired ratios much less.
+Blocks rather than single steps because ``fastpatch.apply`` is not free (it validates and stacks
+the patches and checks each fused block class against transformers' own forward on a few tokens,
+~0.2-0.4 s on the default model on a loaded 2-core CPU), which per decode step would dominate.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ class BenchConfig:
     batch: int = 4
     prompt_len: int = 32
     new_tokens: int = 128
+    decode_block: int = 8  # decode steps per variant per round (one apply/remove per block)
     repeats: int = 7
     rank: int = 16
     bank_size: int = 8
@@ -189,6 +193,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, model=None) -> dict:
     unknown = sorted(set(cfg.variants) - set(variant_names(cfg)))
     if unknown:  # before the model loads
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(variant_names(cfg))}")
+    if cfg.decode_block < 1:
+        raise ValueError(f"--decode-block must be >= 1, got {cfg.decode_block}")
     if model is None:
         model = build_model(cfg, progress=progress)
     p0 = next(model.parameters())
@@ -226,13 +232,17 @@ def run_bench(cfg: BenchConfig, progress: bool = True, model=None) -> dict:
         _, out = forward(n, input_ids=prompt, attention_mask=mask, use_cache=True, **{cache_kw: caches[n]})
         nxt[n] = out.logits[:, -1:].argmax(-1)
         masks[n] = mask
-    for _ in range(cfg.new_tokens):
+    for start in range(0, cfg.new_tokens, cfg.decode_block):
+        steps = min(cfg.decode_block, cfg.new_tokens - start)
         for n in names:
-            masks[n] = torch.cat([masks[n], torch.ones_like(nxt[n])], dim=1)
-            dt, out = forward(n, input_ids=nxt[n], attention_mask=masks[n], use_cache=True, **{cache_kw: caches[n]})
-            decode[n].append(dt)
-            nxt[n] = out.logits[:, -1:].argmax(-1)
-            bar.update(1)
+            with _applied(model, makers[n]), torch.inference_mode():
+                for _ in range(steps):
+                    masks[n] = torch.cat([masks[n], torch.ones_like(nxt[n])], dim=1)
+                    dt, out = _timed(lambda: model(input_ids=nxt[n], attention_mask=masks[n], use_cache=True,
+                                                   **{cache_kw: caches[n]}), device)
+                    decode[n].append(dt)
+                    nxt[n] = out.logits[:, -1:].argmax(-1)
+                    bar.update(1)
     bar.close()
     _check_restored(model, probe, unpatched, names[-1])
     return _summarise(cfg, names, prefill, decode, device, dtype, model)
@@ -251,6 +261,7 @@ def _summarise(cfg, names, prefill, decode, device, dtype, model) -> dict:
             "variant": n,
             "prefill_ms": 1e3 * statistics.median(prefill[n]),
             "decode_ms_per_token": 1e3 * statistics.median(decode[n]),
+            "samples": {"prefill": len(prefill[n]), "decode": len(decode[n])},
             "prefill_vs_hf_eager": _paired_ratio(prefill[n], prefill[base]),
             "decode_vs_hf_eager": _paired_ratio(decode[n], decode[base]),
             "decode_vs_fastpatch_unpatched": _paired_ratio(decode[n], decode[fused]),

@@ -16,9 +16,10 @@ or 'smollm2') and time prefill and decode on the best device present, for each v
   fastpatch_gated          a cosine-gated steering vector at every layer, fused
   fastpatch_bank8_mixed    an 8-patch bank at every layer, one patch id per sequence (some none)
 
-All variants share the one model (patches applied before and removed after each timed forward,
-the unpatched output checked to come back bit-for-bit), so a model that fits once can be benched.
-Variants are timed round-robin and ratios are medians of paired samples. Prints a table and
+All variants share the one model (a variant's patches are applied before its timed forwards and
+removed after them, and the unpatched output is checked to come back bit-for-bit), so a model that
+fits once can be benched. Variants are timed round-robin (each prefill, and each block of
+--decode-block decode steps) and ratios are medians of paired samples. Prints a table and
 writes bench.json, bench.md and bench.png (a plot of the ratios; needs matplotlib:
 pip install 'fastpatch[plot]') to --out.
 
@@ -31,27 +32,36 @@ example:
 
 
 def add_arguments(p) -> None:
+    from ..model_bench import BenchConfig
+    from ..models import DTYPES
     from .common import add_progress_argument
+
+    d = BenchConfig()  # the defaults live there, once
+
+    def number(flag, help_text):
+        name = flag.lstrip("-").replace("-", "_")
+        default = getattr(d, name)
+        p.add_argument(flag, type=type(default), default=default, help=f"{help_text} (default {default})")
 
     p.add_argument("--model", default=None, metavar="PATH_OR_ID",
                    help="a local Hugging Face folder, a hub id or 'smollm2' (default: the built-in Llama config)")
-    p.add_argument("--hidden", type=int, default=512, help="hidden size of the built-in model (default 512)")
-    p.add_argument("--layers", type=int, default=8, help="decoder layers of the built-in model (default 8)")
-    p.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
-    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default 4)")
-    p.add_argument("--intermediate", type=int, default=1408, help="MLP width (default 1408)")
-    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default 8192)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if present)")
-    p.add_argument("--dtype", default="auto",
-                   choices=["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+    number("--hidden", "hidden size of the built-in model")
+    number("--layers", "decoder layers of the built-in model")
+    number("--heads", "attention heads of the built-in model")
+    number("--kv-heads", "key/value heads of the built-in model")
+    number("--intermediate", "MLP width of the built-in model")
+    number("--vocab", "vocabulary size of the built-in model")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 or auto (default: cuda if present)")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES],
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--backend", default=None, help="fastpatch backend (default: fastest for the device)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per batch (default 4)")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
-    p.add_argument("--new-tokens", type=int, default=128, help="decoded tokens, each one paired sample (default 128)")
-    p.add_argument("--repeats", type=int, default=7, help="prefill repeats per variant (default 7)")
-    p.add_argument("--rank", type=int, default=16, help="rank of the low-rank variant (default 16)")
-    p.add_argument("--bank-size", type=int, default=8, help="patches in the bank variant (default 8)")
+    number("--batch", "sequences per batch")
+    number("--prompt-len", "prompt tokens")
+    number("--new-tokens", "decoded tokens, each one paired sample")
+    number("--decode-block", "decode steps per variant per round (one patch apply/remove per block)")
+    number("--repeats", "prefill repeats per variant")
+    number("--rank", "rank of the low-rank variant")
+    number("--bank-size", "patches in the bank variant")
     p.add_argument("--variants", nargs="*", default=[], help="only these variants (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="fastpatch-bench", help="folder for bench.json/.md/.png (default ./fastpatch-bench)")
@@ -60,6 +70,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     import sys
+    from dataclasses import fields
 
     import torch
 
@@ -68,11 +79,7 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = BenchConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                      intermediate=args.intermediate, vocab=args.vocab, batch=args.batch,
-                      prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                      rank=args.rank, bank_size=args.bank_size, device=args.device, dtype=args.dtype,
-                      backend=args.backend, model=args.model, variants=list(args.variants))
+    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)})
     cfg.resolved_device()  # a bad or absent --device fails here, before the model is built
     result = run_bench(cfg, progress=show_progress(args))
     print(format_table(result))

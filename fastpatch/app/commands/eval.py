@@ -27,6 +27,7 @@ examples:
 
 
 def add_arguments(p) -> None:
+    from ...lifecycle.fitting import POSITIONS
     from .common import add_model_arguments, add_progress_argument
 
     p.add_argument("patch", help="patch file (.safetensors written by fastpatch fit / fastpatch.save)")
@@ -37,7 +38,7 @@ def add_arguments(p) -> None:
                    help="texts scored after each target prompt for --metric logprob (default: from the prompts file)")
     p.add_argument("--read-site", default=None, help="site the projection is read at (default: resid_post of "
                                                       "the patched layer)")
-    p.add_argument("--position", default="last", choices=["last", "mean"], help="pooling for the projection")
+    p.add_argument("--position", default="last", choices=POSITIONS, help="pooling for the projection")
     p.add_argument("--force", action="store_true", help="load a patch fitted on a different model anyway")
     p.add_argument("--json", default=None, help="also write the report as JSON here ('-' = stdout only JSON)")
     add_progress_argument(p)
