@@ -286,17 +286,30 @@ def test_zero_rows():
     assert o.shape == (0, 64) and r.shape == (0, 64)
 
 
-def test_threads_do_not_change_results():
-    case = make_case(257, 1024, torch.float32, kind="mix", gated=True, index_mode="mixed", num_patches=6)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind, gated, index_mode, N, D", [
+    (None, False, "none", 1031, 97),        # unpatched rows, odd width: vector tails
+    ("steer", False, "none", 257, 4097),
+    ("lowrank", False, "none", 301, 577),   # row blocks of one patch split across threads
+    ("mix", True, "mixed", 257, 1024),
+])
+def test_threads_do_not_change_results(dtype, kind, gated, index_mode, N, D):
+    # Rows are split between threads at different places with 1, 2 and 3 threads; every row must
+    # come out bit-identical (each row is computed by one thread, blocks never mix rows' sums).
+    case = make_case(N, D, dtype, kind=kind, gated=gated, index_mode=index_mode, num_patches=6)
     before = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = run_backend(case, "cpp")
-        torch.set_num_threads(max(2, before))
-        many = run_backend(case, "cpp")
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            counts = torch.zeros(case.bank.num_patches if case.bank else 0, dtype=torch.int32)
+            out = run_backend(case, "cpp", fire_counts=counts if case.bank else None)
+            results.append((*out, counts))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    assert_matches_reference(case, *results[0][:2])
 
 
 # --- registration: availability, opcheck, torch.compile --------------------------------------------

@@ -85,3 +85,42 @@ def test_multi_dim_index_shape_accepted():
     idx = torch.tensor([[0, 1, -1], [1, 1, 0]], dtype=torch.int32)
     out, res = fp.fused_add_norm(x, None, None, bank=bank, index=idx, backend="reference")
     assert out.shape == x.shape
+
+
+# --- the same errors once the fast path holds a plan for the weight/bank (fastpatch/kernels/ops.py) ---
+
+_W = torch.randn(D)
+_BANK2 = _bank(2)
+_IDX = torch.tensor([0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("backend", ["cpp", None])
+@pytest.mark.parametrize("bad, exc, words", [
+    (dict(residual=torch.randn(3, D)), ValueError, "residual shape"),
+    (dict(residual=torch.randn(4, D).half()), TypeError, "residual dtype"),
+    (dict(residual=[[0.0] * D] * 4), TypeError, "residual must be a torch.Tensor"),
+    (dict(x=torch.randint(0, 5, (4, D))), TypeError, "x must be"),
+    (dict(x=torch.randn(4, D).double()), TypeError, "x must be"),
+    (dict(x=torch.randn(4, D + 1), residual=None), ValueError, "weight must have shape"),
+    (dict(eps=float("nan")), ValueError, "eps"),
+    (dict(eps=[1e-6]), ValueError, "eps"),
+    (dict(index=torch.tensor([0, 1, 2, 0])), ValueError, "index values"),
+    (dict(index=torch.tensor([0, -2, 1, 0], dtype=torch.int32)), ValueError, "index values"),
+    (dict(index=torch.tensor([0, 1, 1])), ValueError, "one entry per row"),
+    (dict(index=torch.tensor([[0], [1], [1], [0]])), ValueError, "one entry per row"),
+    (dict(index=torch.tensor([0., 1, 1, 0])), TypeError, "int32 or int64"),
+    (dict(index=None), ValueError, "index is required"),
+    (dict(out=torch.empty(4, D + 1)), ValueError, "out must match"),
+    (dict(out=torch.empty(4, D).half()), ValueError, "out must match"),
+    (dict(residual_out=torch.empty(D, 4).T), ValueError, "residual_out must be contiguous"),
+    (dict(residual_out="buffer"), TypeError, "residual_out must be a torch.Tensor"),
+    (dict(fire_counts=torch.zeros(2, dtype=torch.int64)), TypeError, "fire_counts"),
+])
+def test_bad_call_after_a_good_one_raises_the_same_error(bad, exc, words, backend):
+    good = dict(x=torch.randn(4, D), residual=torch.randn(4, D), eps=1e-6, index=_IDX)
+    kw = dict(good, **bad)
+    x, residual = kw.pop("x"), kw.pop("residual")
+    fp.fused_add_norm(good["x"], good["residual"], _W, bank=_BANK2, index=_IDX, backend=backend)
+    fp.fused_add_norm(good["x"], good["residual"], _W, bank=_BANK2, index=_IDX, backend=backend)
+    with pytest.raises(exc, match=words):
+        fp.fused_add_norm(x, residual, _W, bank=_BANK2, backend=backend, **kw)

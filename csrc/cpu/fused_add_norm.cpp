@@ -791,6 +791,33 @@ void fused_add_norm_cpu(
   }
 }
 
+// True when every entry of a contiguous CPU int32/int64 index lies in [-1, num_patches): the
+// public op's per-call index check on its fast path (fastpatch/kernels/ops.py). One pass, no
+// allocation: ~0.1 µs for a decode batch where torch's min()/max() cost two ops and two syncs.
+// Anything it cannot scan (wrong dtype or device, non-contiguous) answers false, and the caller
+// then takes the fully checked path, which reports the problem.
+bool index_in_range(const at::Tensor& index, int64_t num_patches) {
+  if (!index.device().is_cpu() || !index.is_contiguous()) return false;
+  const int64_t n = index.numel();
+  auto scan = [&](auto* v) {
+    bool ok = true;  // no early exit: a branch-free loop vectorises
+    for (int64_t i = 0; i < n; ++i) ok &= (v[i] >= -1) & (v[i] < num_patches);
+    return ok;
+  };
+  if (index.scalar_type() == at::kInt) return scan(index.data_ptr<int32_t>());
+  if (index.scalar_type() == at::kLong) return scan(index.data_ptr<int64_t>());
+  return false;
+}
+
+// Whether at::parallel_for in this build can use more than one thread (it needs OpenMP).
+bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastpatch
@@ -816,4 +843,8 @@ TORCH_LIBRARY_IMPL(fastpatch_cpp, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_norm", &fastpatch::cpu::fused_add_norm_cpu,
         "fused add + patch + norm (eager fast path; same kernel as torch.ops.fastpatch_cpp)");
+  m.def("index_in_range", &fastpatch::cpu::index_in_range,
+        "all entries of a contiguous CPU int32/int64 index in [-1, num_patches)");
+  m.def("built_with_openmp", &fastpatch::cpu::built_with_openmp,
+        "whether at::parallel_for in this build can run on several threads");
 }
