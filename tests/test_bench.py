@@ -85,7 +85,7 @@ def test_bench_stops_on_a_variant_that_does_not_restore_the_model(monkeypatch):
     real_variants = model_bench._variants
 
     def with_a_leaky_variant(*a, **k):
-        def leak(m):  # changes a weight and returns no handle: nothing can undo it
+        def leak(m, verify):  # changes a weight and returns no handle: nothing can undo it
             with torch.no_grad():
                 m.model.norm.weight.mul_(1.5)
             return None

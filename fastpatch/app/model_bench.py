@@ -7,9 +7,10 @@ it found it. Variants run round-robin: each prefill repeat, and each block of ``
 decode steps, is timed for all variants back to back (each variant with its own KV cache), and ratios
 are medians of the paired samples (step j of a block against step j of the other variants' blocks
 of the same round) — CPU timings here swing several-fold between runs, paired ratios much less.
-Blocks rather than single steps because ``fastpatch.apply`` is not free (it validates and stacks
-the patches and checks each fused block class against transformers' own forward on a few tokens,
-~0.2-0.4 s on the default model on a loaded 2-core CPU), which per decode step would dominate.
+Blocks rather than single steps because applying is not free (1-8 ms per apply + remove on the
+default model on a loaded 2-core CPU, without fastpatch.apply's check of the fused blocks, which the
+warm-up runs once per variant) and the first forward after an apply rebuilds small per-handle caches;
+in blocks of 8 both touch one sample in 8, which the median ignores.
 """
 from __future__ import annotations
 
@@ -94,9 +95,11 @@ def variant_names(cfg: BenchConfig) -> list[str]:
 
 
 def _variants(cfg: BenchConfig, D: int, L: int, device) -> dict[str, Callable]:
-    """name -> function(model) that patches the model and returns its handle (None: left as it is).
+    """name -> function(model, verify) that patches the model and returns its handle (None: left as it is).
 
-    The patches are made here, once, so that every application of a variant is the same."""
+    The patches are made here, once, so that every application of a variant is the same. ``verify`` is
+    fastpatch.apply's check of the fused blocks against transformers' own forward: the warm-up asks for
+    it once per variant, the timed rounds skip it (it costs about a forward)."""
     import fastpatch as fp
     from fastpatch import hooks
 
@@ -126,21 +129,21 @@ def _variants(cfg: BenchConfig, D: int, L: int, device) -> dict[str, Callable]:
 
     b = cfg.backend
     appliers = [
-        lambda m: None,                                               # hf_eager
-        lambda m: hooks.apply(m, hooked),                             # hf_hooks_steer
-        lambda m: fp.apply(m, nothing, backend=b),                    # fastpatch_unpatched
-        lambda m: fp.apply(m, steered, backend=b),                    # fastpatch_steer
-        lambda m: fp.apply(m, lowranks, backend=b),                   # fastpatch_lowrank{rank}
-        lambda m: fp.apply(m, gateds, backend=b),                     # fastpatch_gated
-        lambda m: fp.apply(m, banks, backend=b).select(mixed_ids),    # fastpatch_bank{size}_mixed
+        lambda m, verify: None,                                                   # hf_eager
+        lambda m, verify: hooks.apply(m, hooked),                                 # hf_hooks_steer
+        lambda m, verify: fp.apply(m, nothing, backend=b, verify=verify),         # fastpatch_unpatched
+        lambda m, verify: fp.apply(m, steered, backend=b, verify=verify),         # fastpatch_steer
+        lambda m, verify: fp.apply(m, lowranks, backend=b, verify=verify),        # fastpatch_lowrank{rank}
+        lambda m, verify: fp.apply(m, gateds, backend=b, verify=verify),          # fastpatch_gated
+        lambda m, verify: fp.apply(m, banks, backend=b, verify=verify).select(mixed_ids),  # bank{size}_mixed
     ]
     return dict(zip(variant_names(cfg), appliers, strict=True))
 
 
 @contextmanager
-def _applied(model, variant: Callable):
+def _applied(model, variant: Callable, verify: bool = False):
     """The model patched by one variant inside the block, as it was after it."""
-    handle = variant(model)
+    handle = variant(model, verify)
     try:
         yield
     finally:
@@ -212,14 +215,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True, model=None) -> dict:
     total = cfg.repeats * len(names) + cfg.new_tokens * len(names)
     bar = tqdm(total=total, desc="fastpatch bench", disable=not progress, unit="run")
 
-    def forward(variant, **kw):
-        with _applied(model, makers[variant]), torch.inference_mode():
+    def forward(variant, verify=False, **kw):
+        with _applied(model, makers[variant], verify), torch.inference_mode():
             return _timed(lambda: model(**kw), device)
 
     with torch.inference_mode():
         unpatched = model(**probe).logits
-    for n in names:  # warm-up (first calls build kernels / allocate) and the check that removal restores
-        forward(n, **probe)
+    for n in names:  # warm-up (first calls build kernels / allocate), fused blocks verified once, and
+        forward(n, verify=True, **probe)  # the check that removing the patches restores the model
         _check_restored(model, probe, unpatched, n)
     for _ in range(cfg.repeats):
         for n in names:
