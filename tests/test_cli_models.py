@@ -42,14 +42,12 @@ def _byte_tokenizer():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A tiny random Llama and its tokenizer written with save_pretrained, as a user's local folder."""
-    import transformers as tf
+    """A tiny random Llama (other weights than --model tiny) and a tokenizer written with save_pretrained,
+    as a user's local folder."""
+    from fastpatch.app.models import tiny_model
 
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(3)
     path = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_model(seed=3)[0].save_pretrained(path)
     _byte_tokenizer().save_pretrained(path)
     return path
 
