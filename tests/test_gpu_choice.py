@@ -26,10 +26,15 @@ BOTH = ("cuda", "triton")
     (4096, 129, False, 1, "cuda"),     # above the tile kernel's rank range
     (4096, 7, False, 1, "cuda"),       # rank below 8: the per-rank loop is cheaper than a 16-wide dot
     (4096, 0, False, 1, "cuda"),       # steering only: no dots at all
+    (4096, 16, True, 8, "triton"),     # 8 low-rank patches, per-row index: tile kernel grouped by patch
+    (8, 16, True, 8, "cuda"),          # the same bank at decode
 ])
 def test_choose_cuda_by_shape(N, rank, index_given, P, expected):
     assert backends.choose_cuda(N, rank, index_given, P, BOTH) == expected
     assert (expected == "triton") == dispatch.uses_tile_kernel(N, rank, index_given, P)
+    # fp32 banks: grouped tiles above R_PAD 64 spill, so those calls stay on the CUDA kernel
+    assert backends.choose_cuda(N, rank, index_given, P, BOTH, dot_fp32=True) == (
+        "cuda" if (index_given and P > 1 and rank > 64) else expected)
 
 
 def test_choose_cuda_with_one_backend():
@@ -63,7 +68,8 @@ def per_shape():
 @pytest.mark.parametrize("N,kind,rank,index_mode,P,route", [
     (2, "steer", 4, "none", 1, "cuda"),
     (66, "lowrank", 16, "none", 1, "triton"),
-    (66, "lowrank", 16, "mixed", 3, "cuda"),
+    (66, "lowrank", 16, "mixed", 3, "triton"),
+    (66, "steer", 4, "mixed", 3, "cuda"),
 ])
 def test_per_shape_routes_and_computes(per_shape, N, kind, rank, index_mode, P, route):
     case = make_case(N, 32, torch.float32, kind=kind, rank=rank, index_mode=index_mode, num_patches=P)

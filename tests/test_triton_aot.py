@@ -1,9 +1,10 @@
 """Ahead-of-time compile of every dispatcher config for sm_80 / sm_90 (no GPU needed).
 
 Runs scripts/triton_aot_report.py in a subprocess with TRITON_INTERPRET unset (the interpreter
-replaces the compiler). Default CI compiles every config the dispatcher can pick, in bf16, with
-every optional part on ("full") and with none ("plain"), for both architectures (~1 min on 2
-cores); ``-m slow`` adds fp32 and fp16.
+replaces the compiler), with the JIT's divisibility specialisation. Default CI compiles every
+config the dispatcher can pick for sm_90 with bf16 activations and a bf16 bank (what ``apply()``
+builds for a bf16 model) or an fp32 bank, every optional part on ("full") and none ("plain")
+(~1–2 min on 2 cores); ``-m slow`` adds sm_80, fp16/fp32 activations and the unspecialised kernel.
 """
 from __future__ import annotations
 
@@ -34,30 +35,42 @@ def _run_report(tmp_path, *extra):
     return proc, json.loads(out.read_text()) if out.exists() else None
 
 
-def _check(proc, report, dtypes):
+def _check(proc, report, dtypes, archs, specs=("jit",)):
     assert report is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = report["rows"]
     errors = [r for r in rows if r["error"]]
     assert not errors, errors[:3]
-    spills = [(r["config"], r["variant"], r["dtype"], r["arch"], r["STACK"]) for r in rows if r["STACK"]]
+    spills = [(r["config"], r["variant"], r["dtype"], r["bank_dtype"], r["arch"], r["STACK"]) for r in rows
+              if r["STACK"]]
     assert not spills, spills
     assert all(r["REG"] and r["REG"] <= 255 for r in rows)
-    # every config the dispatcher can pick was compiled, for each arch and dtype
-    compiled = {(r["config"], r["arch"], r["dtype"]) for r in rows}
+    # every config the dispatcher can pick was compiled, for each arch, activation dtype and spec
+    compiled = {(r["config"], r["arch"], r["dtype"], r["spec"]) for r in rows}
     for cfg in dispatch.all_configs():
-        for arch in ("sm_80", "sm_90"):
+        for arch in archs:
             for dtype in dtypes:
-                assert (cfg.label(), arch, dtype) in compiled, (cfg.label(), arch, dtype)
+                for spec in specs:
+                    assert (cfg.label(), arch, dtype, spec) in compiled, (cfg.label(), arch, dtype, spec)
+    # fp32-dot tiles were compiled with fp32 banks only, 16-bit-dot tiles with 16-bit banks only
+    for r in rows:
+        if r["kernel"] == "tile":
+            assert ("fp32dot" in r["config"]) == (r["bank_dtype"] == "fp32"), r
     assert proc.returncode == 0, proc.stdout[-3000:]
 
 
 def test_every_dispatcher_config_compiles_without_spills(tmp_path):
-    proc, report = _run_report(tmp_path)
-    _check(proc, report, ["bf16"])
+    proc, report = _run_report(tmp_path, "--arch", "90", "--mixes", "bf16/bf16", "bf16/fp32")
+    _check(proc, report, ["bf16"], ["sm_90"])
     assert "| kernel | config |" in (tmp_path / "aot.md").read_text()
 
 
 @pytest.mark.slow
-def test_fp32_and_fp16_configs_compile_without_spills(tmp_path):
-    proc, report = _run_report(tmp_path, "--dtypes", "fp32", "fp16")
-    _check(proc, report, ["fp32", "fp16"])
+def test_every_dtype_mix_and_arch_compiles_without_spills(tmp_path):
+    proc, report = _run_report(tmp_path, "--arch", "80", "90", "--dtypes", "bf16", "fp16", "fp32")
+    _check(proc, report, ["bf16", "fp16", "fp32"], ["sm_80", "sm_90"])
+
+
+@pytest.mark.slow
+def test_unspecialised_kernels_compile_without_spills(tmp_path):
+    proc, report = _run_report(tmp_path, "--arch", "80", "90", "--spec", "none")
+    _check(proc, report, ["bf16"], ["sm_80", "sm_90"], specs=("none",))

@@ -129,12 +129,15 @@ def test_fire_counts(device, path):
 
 
 @pytest.mark.parametrize("alias", ("out=x,res=residual", "out=residual,res=x", "res=x"))
-@pytest.mark.parametrize("path", ("single", "chunked", "tile"))
+@pytest.mark.parametrize("path", ("single", "chunked", "tile", "tile-chunked"))
 def test_outputs_may_alias_inputs(device, alias, path, monkeypatch):
     if path == "chunked":
         monkeypatch.setattr(dispatch, "MAX_SINGLE_PASS_D", 32)
         monkeypatch.setattr(dispatch, "CHUNK_D", 32)
-    if path == "tile":
+    if path == "tile":  # one chunk (D 80) and, with the limit shrunk, three passes
+        case = make_case(66, 80, torch.bfloat16, kind="lowrank", rank=16, gated=True, norm="layer", device=device)
+    elif path == "tile-chunked":
+        monkeypatch.setattr(dispatch, "ONE_CHUNK_MAX_D", 32)
         case = make_case(66, 80, torch.bfloat16, kind="lowrank", rank=16, gated=True, norm="layer", device=device)
     else:
         case = make_case(4, 80, torch.bfloat16, kind="mix", gated=True, index_mode="mixed", norm="layer",
@@ -167,27 +170,69 @@ def test_out_of_range_index_means_no_patch(device, index_dtype, monkeypatch):
 # --- each kernel path explicitly ------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("rank,index_mode,norm", [(16, "none", "rms"), (24, "index1", "layer"),
-                                                  (40, "none", "layer")])
-def test_tile_dot_path(device, dtype, rank, index_mode, norm):
-    """Prefill rows with rank >= 8: BLOCK_M rows per program, tl.dot (rank padded to 16/32/64)."""
-    N, D = 70, 96
+@pytest.mark.parametrize("rank,index_mode,norm,D", [(16, "none", "rms", 96), (24, "index1", "layer", 96),
+                                                    (40, "none", "layer", 96), (16, "none", "layer", 1100)])
+def test_tile_dot_path(device, dtype, rank, index_mode, norm, D):
+    """Prefill rows with rank >= 8: tl.dot tiles (rank padded to 16/32/64); D 96 keeps the row block
+    on chip (one chunk: x, residual read once), D 1100 takes three passes over 64-wide chunks."""
+    N = 70
     kind = "loreft" if rank == 24 else "lowrank"
     case = make_case(N, D, dtype, kind=kind, rank=rank, gated=(rank != 40), norm=norm, device=device,
-                     bank_dtype=dtype if dtype != torch.float32 else torch.float32)
+                     bank_dtype=dtype)
     if index_mode == "index1":  # a one-patch bank with a per-row on/off index stays on the tile kernel
         gen = torch.Generator().manual_seed(1)
         case.index = torch.randint(-1, 1, (N,), generator=gen).to(device)
-    cfg = dispatch.select(N, D, case.bank.rank, case.index is not None, case.bank.num_patches)
-    assert cfg.kernel == "tile" and cfg.R_PAD == dispatch.rank_pad(case.bank.rank)
+    for dot_fp32 in (False, True):  # the GPU picks the 16-bit config, the interpreter the fp32 one
+        cfg = dispatch.select(N, D, case.bank.rank, case.index is not None, case.bank.num_patches,
+                              dot_fp32 or dtype == torch.float32)
+        assert cfg.kernel == "tile" and cfg.R_PAD == dispatch.rank_pad(case.bank.rank) and not cfg.GROUPED
+        assert cfg.ONE_CHUNK == (D < 1000 and not cfg.DOT_FP32)
     out, res = run_backend(case, "triton")
     assert_matches_reference(case, out, res)
 
 
-def test_index_into_many_patches_takes_row_kernel(device):
-    case = make_case(70, 64, torch.float16, kind="lowrank", rank=16, index_mode="mixed", num_patches=3,
+@pytest.mark.parametrize("D", (80, 1100), ids=("one-chunk", "chunked"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_tile_grouped_by_patch(device, dtype, D):
+    """A per-row index into a bank of several low-rank patches (with shifts and per-patch gates):
+    the tile kernel loops over the patches present in each block. Rows come in runs (as sequences
+    do) plus a random tail, so blocks hold one patch, several, or none."""
+    N = 70
+    case = make_case(N, D, dtype, kind="lowrank", rank=16, gated=True, index_mode="mixed", num_patches=5,
+                     norm="layer" if D == 80 else "rms", device=device, bank_dtype=dtype, seed=3)
+    runs = torch.tensor([2] * 20 + [-1] * 12 + [4] * 16 + [0] * 2, dtype=torch.int64)
+    case.index = torch.cat([runs, case.index[len(runs):].cpu()]).to(device)
+    cfg = dispatch.select(N, D, 16, True, 5, dtype == torch.float32)
+    assert cfg.kernel == "tile" and cfg.GROUPED
+    counts = torch.zeros(5, dtype=torch.int32, device=device)
+    expected = torch.zeros(5, dtype=torch.int32)
+    out, res = run_backend(case, "triton", fire_counts=counts)
+    case.expected(fire_counts=expected)
+    assert_matches_reference(case, out, res)
+    assert counts.cpu().tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("index_dtype", (torch.int32, torch.int64), ids=_id)
+def test_tile_grouped_out_of_range_index_means_no_patch(device, index_dtype, monkeypatch):
+    monkeypatch.setattr(fp.config, "check_index_values", False)
+    case = make_case(66, 48, torch.float32, kind="lowrank", rank=16, index_mode="mixed", num_patches=3,
+                     device=device)
+    big = 2**31 - 1 if index_dtype == torch.int32 else 2**40
+    bad = torch.tensor([3, -2, big, -(2**31), 0, 100, 2, 1] * 8 + [1, big], dtype=index_dtype, device=device)
+    assert dispatch.select(66, 48, 16, True, 3, True).GROUPED
+    out, res = fp.fused_add_norm(case.x, case.residual, case.weight, bank=case.bank, index=bad, eps=case.eps,
+                                 backend="triton")
+    clean = torch.where((bad >= 0) & (bad < 3), bad, torch.full_like(bad, -1)).long()
+    exp_out, exp_res = fp.reference.fused_add_norm(case.x, case.residual, case.weight, bank=case.bank,
+                                                   index=clean, eps=case.eps, exact=True)
+    torch.testing.assert_close(res.cpu().double(), exp_res, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.cpu().double(), exp_out, rtol=1e-4, atol=1e-4)
+
+
+def test_index_into_many_patches_with_steers_takes_row_kernel(device):
+    case = make_case(70, 64, torch.float16, kind="mix", index_mode="mixed", num_patches=3,
                      device=device, bank_dtype=torch.float16)
-    assert dispatch.select(70, 64, 16, True, 3).kernel == "row"
+    assert case.bank.rank < dispatch.TILE_MIN_RANK and dispatch.select(70, 64, case.bank.rank, True, 3).kernel == "row"
     out, res = run_backend(case, "triton")
     assert_matches_reference(case, out, res)
 

@@ -65,21 +65,21 @@ def available(device) -> list[str]:
 _resolved: dict = {}
 
 
-def choose_cuda(N: int, rank: int, index_given: bool, num_patches: int, names) -> str:
+def choose_cuda(N: int, rank: int, index_given: bool, num_patches: int, names, dot_fp32: bool = False) -> str:
     """Which of the CUDA backends ``names`` (available ones, e.g. ``("cuda", "triton")``) runs one call.
 
-    - Prefill-sized low-rank calls where every row uses one patch (``uses_tile_kernel``: N ≥ 64,
-      8 ≤ rank ≤ 128, index None or a one-patch bank) → ``triton``: its tile kernel computes
-      h·downᵀ and z·up with ``tl.dot`` on tensor cores for 32 rows at a time, reading each bank
-      row once per 32 rows. The CUDA kernel loops over the rank per row with a block barrier per
-      rank chunk: it re-reads the bank for every row and its arithmetic is scalar.
-    - Everything else (decode, steering/ablation/gates, per-row indices into many patches) →
+    - Prefill-sized low-rank calls (``uses_tile_kernel``: N ≥ 64, 8 ≤ rank ≤ 128) → ``triton``:
+      its tile kernel computes h·downᵀ and z·up with ``tl.dot`` on tensor cores for 16–32 rows at
+      a time, reading each bank row once per block (once per patch present in the block when rows
+      index several patches). The CUDA kernel loops over the rank per row with a block barrier
+      per rank chunk: it re-reads the bank for every row and its arithmetic is scalar.
+    - Everything else (decode, steering/ablation/gates: rank < 8, rank > 128) →
       ``cuda``: row kernels with 16-byte vector accesses and ~0.5 µs of host overhead per call
       (a pybind11 function), against tens of µs for a Triton launch from Python, which is what a
       decode step with 2 calls per layer pays when it does not run in a CUDA graph.
     - Whichever of the two is available when only one is (no nvcc: ``triton``), else ``reference``.
     """
-    if "triton" in names and rank and uses_tile_kernel(N, rank, index_given, num_patches):
+    if "triton" in names and rank and uses_tile_kernel(N, rank, index_given, num_patches, dot_fp32):
         return "triton"
     for name in ("cuda", "triton", "reference"):
         if name in names:
@@ -106,7 +106,8 @@ class PerShape:
     def choose(self, x2d, bank, index) -> str:
         if bank is None:
             return choose_cuda(x2d.shape[0], 0, False, 1, self.names)
-        return choose_cuda(x2d.shape[0], bank.rank, index is not None, bank.num_patches, self.names)
+        return choose_cuda(x2d.shape[0], bank.rank, index is not None, bank.num_patches, self.names,
+                           bank.dtype == torch.float32)
 
     def run(self, x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
             out=None, residual_out=None):

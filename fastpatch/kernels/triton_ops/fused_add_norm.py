@@ -196,18 +196,85 @@ def fused_add_norm_row_kernel(
 
 
 @triton.jit
+def _tile_dot(a, b, DOT_FP32: tl.constexpr):
+    """a·b with fp32 accumulation: IEEE fp32 operands, or a's operands in b's 16-bit dtype."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
+def _tile_gate_stats(h, cols, col_mask, mask, kD, gate_dir_ptr, GROUPED: tl.constexpr):
+    """(h·ĉ, ‖h‖²) per row of this chunk; GROUPED: each row's own patch's direction."""
+    if GROUPED:
+        c = tl.load(gate_dir_ptr + kD[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        c = tl.load(gate_dir_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.sum(h * c, 1), tl.sum(h * h, 1)
+
+
+@triton.jit
+def _tile_z(h, z, cols, col_mask, k, valid, k_lo, k_hi, down_ptr, D, rank, offs_r, r_mask,
+            GROUPED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """z += h·downᵀ over this chunk's columns (down_t tiles [BLOCK_D, R_PAD]). GROUPED: one dot per
+    patch present in the block (k_lo..k_hi, skipping absent ones), kept for that patch's rows."""
+    tile = offs_r[None, :] * D + cols[:, None]
+    tile_mask = col_mask[:, None] & r_mask[None, :]
+    if GROUPED:
+        for kk in range(k_lo, k_hi + 1):
+            sel = valid & (k == kk)
+            if tl.sum(sel.to(tl.int32), 0) > 0:
+                down_t = tl.load(down_ptr + kk * rank * D + tile, mask=tile_mask, other=0.0)
+                z = tl.where(sel[:, None], z + _tile_dot(h, down_t, DOT_FP32), z)
+    else:
+        down_t = tl.load(down_ptr + tile, mask=tile_mask, other=0.0)
+        z += _tile_dot(h, down_t, DOT_FP32)
+    return z
+
+
+@triton.jit
+def _tile_delta(z, cols, col_mask, mask, k, valid, kD, k_lo, k_hi, up_ptr, shift_ptr, D, rank, offs_r, r_mask,
+                GROUPED: tl.constexpr, HAS_SHIFT: tl.constexpr, DOT_FP32: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z·up + shift for this chunk's columns ([BLOCK_M, BLOCK_D] fp32). GROUPED: per patch present,
+    the dot of that patch's rows of z (others zeroed) with its up tile."""
+    tile = offs_r[:, None] * D + cols[None, :]
+    tile_mask = r_mask[:, None] & col_mask[None, :]
+    if GROUPED:
+        delta = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for kk in range(k_lo, k_hi + 1):
+            sel = valid & (k == kk)
+            if tl.sum(sel.to(tl.int32), 0) > 0:
+                up = tl.load(up_ptr + kk * rank * D + tile, mask=tile_mask, other=0.0)
+                delta += _tile_dot(tl.where(sel[:, None], z, 0.0), up, DOT_FP32)
+        if HAS_SHIFT:
+            delta += tl.load(shift_ptr + kD[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        up = tl.load(up_ptr + tile, mask=tile_mask, other=0.0)
+        delta = _tile_dot(z, up, DOT_FP32)
+        if HAS_SHIFT:
+            delta += tl.load(shift_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return delta
+
+
+@triton.jit
 def fused_add_norm_tile_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
     down_ptr, down_bias_ptr, up_ptr, shift_ptr, gate_dir_ptr, gate_thr_ptr, gate_mode_ptr,
     index_ptr, fire_ptr,
-    N, D, rank, eps, weight_offset,
+    N, D, rank, num_patches, eps, weight_offset,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_LAYER: tl.constexpr,
     HAS_INDEX: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_GATE: tl.constexpr, COUNT_FIRES: tl.constexpr,
     DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    GROUPED: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
-    """BLOCK_M rows that all use bank patch 0 (index None, or a one-patch bank): rows differ only in
-    whether the patch fires. Low-rank part by tl.dot; rank padded to R_PAD by masking.
+    """BLOCK_M rows, low-rank part by tl.dot (rank padded to R_PAD by masking).
 
+    Not GROUPED: every row uses bank patch 0 (index None, or a one-patch bank): rows differ only in
+    whether the patch fires. GROUPED: rows index a bank of several patches; the dots run once per
+    patch present in the block. ONE_CHUNK (BLOCK_D ≥ D): the block's rows stay in registers, so x
+    and residual are read once and residual_out is not re-read; else three passes over D chunks.
     DOT_FP32: dot in fp32 with IEEE precision (fp32 banks, where TF32 would miss the fp32
     tolerance, and the interpreter, whose bf16 tl.dot is wrong); otherwise the bank's 16-bit dtype.
     """
@@ -223,89 +290,135 @@ def fused_add_norm_tile_kernel(
     out_ptr += block_start
     res_out_ptr += block_start
     out_dtype = res_out_ptr.dtype.element_ty
-    dot_dtype = tl.float32 if DOT_FP32 else down_ptr.dtype.element_ty
     if HAS_INDEX:
         k = tl.load(index_ptr + rows, mask=row_mask, other=-1)  # rows: int32, N < 2**31
-        fires = row_mask & (k == 0)
+        valid = row_mask & (k >= 0) & (k < num_patches)  # compared in the index's own dtype
+        k = tl.where(valid, k, 0).to(tl.int32)
     else:
-        fires = row_mask
+        k = local_rows * 0
+        valid = row_mask
+    fires = valid
+    if GROUPED:
+        # 64-bit, so that kk * rank * D in the patch loop cannot wrap
+        k_lo = tl.min(tl.where(valid, k, num_patches), 0).to(tl.int64)
+        k_hi = tl.max(tl.where(valid, k, -1), 0).to(tl.int64)
+        kD = k.to(tl.int64) * D  # each row's patch's D-vectors (shift, gate direction)
+    else:
+        k_lo = 0
+        k_hi = 0
+        kD = k.to(tl.int64)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < rank
-
-    # Pass 1: z = h·downᵀ and the gate statistics, chunk by chunk.
-    z = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
-    proj = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, D, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        mask = row_mask[:, None] & col_mask[None, :]
-        h = _load_h(x_ptr, res_ptr, local_rows[:, None] * D + cols[None, :], mask, HAS_RESIDUAL)
-        if HAS_GATE:
-            c = tl.load(gate_dir_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            proj += tl.sum(h * c[None, :], 1)
-            sumsq += tl.sum(h * h, 1)
-        down_t = tl.load(down_ptr + offs_r[None, :] * D + cols[:, None],
-                         mask=col_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_D, R_PAD]
-        if DOT_FP32:
-            z += tl.dot(h, down_t.to(tl.float32), input_precision="ieee")
-        else:
-            z = tl.dot(h.to(dot_dtype), down_t, z)
-    z += tl.load(down_bias_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    if GROUPED:
+        z_bias = tl.load(down_bias_ptr + k[:, None] * rank + offs_r[None, :],
+                         mask=valid[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    else:
+        z_bias = tl.load(down_bias_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_GATE:
-        fires = fires & _gate_fires(proj, sumsq, tl.load(gate_mode_ptr), tl.load(gate_thr_ptr))
-    if COUNT_FIRES:
-        tl.atomic_add(fire_ptr, tl.sum(fires.to(tl.int32), 0))  # one atomic per block
-    z = z.to(dot_dtype)
+        if GROUPED:
+            mode = tl.load(gate_mode_ptr + k, mask=valid, other=0)
+            threshold = tl.load(gate_thr_ptr + k, mask=valid, other=0.0)
+        else:
+            mode = tl.load(gate_mode_ptr)
+            threshold = tl.load(gate_thr_ptr)
 
-    # Pass 2: h' = h + g·(z·up + shift); store residual_out; accumulate the norm's sums.
-    sum_y = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sumsq_y = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, D, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
+    if ONE_CHUNK:
+        cols = tl.arange(0, BLOCK_D)
         col_mask = cols < D
         mask = row_mask[:, None] & col_mask[None, :]
         offsets = local_rows[:, None] * D + cols[None, :]
         h = _load_h(x_ptr, res_ptr, offsets, mask, HAS_RESIDUAL)
-        up = tl.load(up_ptr + offs_r[:, None] * D + cols[None, :],
-                     mask=r_mask[:, None] & col_mask[None, :], other=0.0)  # [R_PAD, BLOCK_D]
-        if DOT_FP32:
-            delta = tl.dot(z, up.to(tl.float32), input_precision="ieee")
-        else:
-            delta = tl.dot(z, up)
-        if HAS_SHIFT:
-            delta += tl.load(shift_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_GATE:
+            proj, sumsq = _tile_gate_stats(h, cols, col_mask, mask, kD, gate_dir_ptr, GROUPED)
+            fires = fires & _gate_fires(proj, sumsq, mode, threshold)
+        z = _tile_z(h, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), cols, col_mask, k, valid, k_lo, k_hi,
+                    down_ptr, D, rank, offs_r, r_mask, GROUPED, DOT_FP32) + z_bias
+        if not DOT_FP32:
+            z = z.to(down_ptr.dtype.element_ty)
+        delta = _tile_delta(z, cols, col_mask, mask, k, valid, kD, k_lo, k_hi, up_ptr, shift_ptr, D, rank, offs_r,
+                            r_mask, GROUPED, HAS_SHIFT, DOT_FP32, BLOCK_M, BLOCK_D)
         h = tl.where(fires[:, None], h + delta, h)
         rounded = h.to(out_dtype)
         tl.store(res_out_ptr + offsets, rounded, mask=mask)
-        y = rounded.to(tl.float32)
-        sum_y += tl.sum(y, 1)
-        sumsq_y += tl.sum(y * y, 1)
-    tl.debug_barrier()  # residual_out written above by other threads is re-read below
-    mean = sum_y / D
-    if IS_LAYER:
-        var = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start in range(0, D, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            mask = row_mask[:, None] & (cols < D)[None, :]
-            y = tl.load(res_out_ptr + local_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = tl.where(mask, y - mean[:, None], 0.0)
-            var += tl.sum(y * y, 1)
-        rstd = tl.rsqrt(var / D + eps)
-    else:
-        rstd = tl.rsqrt(sumsq_y / D + eps)
-    for start in range(0, D, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        mask = row_mask[:, None] & col_mask[None, :]
-        offsets = local_rows[:, None] * D + cols[None, :]
-        y = tl.load(res_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = rounded.to(tl.float32)  # the norm reads the stored (rounded) residual
         if IS_LAYER:
-            y = y - mean[:, None]
+            mean = tl.sum(y, 1) / D
+            y = tl.where(mask, y - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(y * y, 1) / D + eps)
         o = y * rstd[:, None] * _norm_scale(w_ptr, cols, col_mask, weight_offset, HAS_WEIGHT)[None, :]
         if HAS_BIAS:
             o += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offsets, o.to(out_dtype), mask=mask)
+    else:
+        # Pass 1: z = h·downᵀ and the gate statistics, chunk by chunk.
+        z = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+        proj = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            h = _load_h(x_ptr, res_ptr, local_rows[:, None] * D + cols[None, :], mask, HAS_RESIDUAL)
+            if HAS_GATE:
+                p, s = _tile_gate_stats(h, cols, col_mask, mask, kD, gate_dir_ptr, GROUPED)
+                proj += p
+                sumsq += s
+            z = _tile_z(h, z, cols, col_mask, k, valid, k_lo, k_hi, down_ptr, D, rank, offs_r, r_mask, GROUPED,
+                        DOT_FP32)
+        z += z_bias
+        if HAS_GATE:
+            fires = fires & _gate_fires(proj, sumsq, mode, threshold)
+        if not DOT_FP32:
+            z = z.to(down_ptr.dtype.element_ty)
+
+        # Pass 2: h' = h + g·(z·up + shift); store residual_out; accumulate the norm's sums.
+        sum_y = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sumsq_y = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            offsets = local_rows[:, None] * D + cols[None, :]
+            h = _load_h(x_ptr, res_ptr, offsets, mask, HAS_RESIDUAL)
+            delta = _tile_delta(z, cols, col_mask, mask, k, valid, kD, k_lo, k_hi, up_ptr, shift_ptr, D, rank,
+                                offs_r, r_mask, GROUPED, HAS_SHIFT, DOT_FP32, BLOCK_M, BLOCK_D)
+            h = tl.where(fires[:, None], h + delta, h)
+            rounded = h.to(out_dtype)
+            tl.store(res_out_ptr + offsets, rounded, mask=mask)
+            y = rounded.to(tl.float32)
+            sum_y += tl.sum(y, 1)
+            sumsq_y += tl.sum(y * y, 1)
+        tl.debug_barrier()  # residual_out written above by other threads is re-read below
+        mean = sum_y / D
+        if IS_LAYER:
+            var = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start in range(0, D, BLOCK_D):
+                cols = start + tl.arange(0, BLOCK_D)
+                mask = row_mask[:, None] & (cols < D)[None, :]
+                y = tl.load(res_out_ptr + local_rows[:, None] * D + cols[None, :], mask=mask,
+                            other=0.0).to(tl.float32)
+                y = tl.where(mask, y - mean[:, None], 0.0)
+                var += tl.sum(y * y, 1)
+            rstd = tl.rsqrt(var / D + eps)
+        else:
+            rstd = tl.rsqrt(sumsq_y / D + eps)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            offsets = local_rows[:, None] * D + cols[None, :]
+            y = tl.load(res_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            if IS_LAYER:
+                y = y - mean[:, None]
+            o = y * rstd[:, None] * _norm_scale(w_ptr, cols, col_mask, weight_offset, HAS_WEIGHT)[None, :]
+            if HAS_BIAS:
+                o += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offsets, o.to(out_dtype), mask=mask)
+    if COUNT_FIRES:
+        if GROUPED:
+            tl.atomic_add(fire_ptr + k, 1, mask=fires)
+        else:
+            tl.atomic_add(fire_ptr, tl.sum(fires.to(tl.int32), 0))  # one atomic per block
 
 
 KERNELS = {"row": fused_add_norm_row_kernel, "tile": fused_add_norm_tile_kernel}
@@ -327,8 +440,8 @@ def launch(x, residual, weight, bias, eps, norm_kind, weight_offset,
     if config is None:
         # fp32 banks need IEEE fp32 dots (TF32 misses the fp32 tolerance); the interpreter's bf16
         # tl.dot is wrong (triton #11584), so it always takes the fp32 path.
-        dot_fp32 = rank > 0 and (down.dtype == torch.float32 or interpreting())
-        config = dispatch.select(N, D, rank, index is not None, num_patches, dot_fp32)
+        config = dispatch.select(N, D, rank, index is not None, num_patches,
+                                 dot_fp32=rank > 0 and down.dtype == torch.float32, interpreted=interpreting())
     dummy = x  # never dereferenced: its flag is off
     args = [x, residual if residual is not None else dummy, weight if weight is not None else dummy,
             bias if bias is not None else dummy, out, residual_out,
@@ -345,7 +458,7 @@ def launch(x, residual, weight, bias, eps, norm_kind, weight_offset,
         if not rank:
             raise ValueError("the tile kernel needs a low-rank part")
         fused_add_norm_tile_kernel[(triton.cdiv(N, config.BLOCK_M),)](
-            *args, N, D, rank, eps, weight_offset, **common, **config.constexprs())
+            *args, N, D, rank, num_patches, eps, weight_offset, **common, **config.constexprs())
     else:
         fused_add_norm_row_kernel[(N,)](
             *args, D, rank, num_patches, eps, weight_offset, HAS_PATCH=has_patch, HAS_LOWRANK=rank > 0,
