@@ -457,7 +457,10 @@ def test_layers_recomputed_and_fires_counted_once(reentrant):
     model = _model("llama")
     layers = _layers(model)
     calls = [0]
-    hooks = [layer.mlp.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1)) for layer in layers]
+    # pre-hooks: a non-reentrant recompute stops once every saved tensor is back, maybe before a
+    # module's forward hooks would run
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+             for layer in layers]
     D = model.config.hidden_size
     g = torch.Generator().manual_seed(2)
     c = torch.randn(D, generator=g)
@@ -532,3 +535,17 @@ def test_saved_bytes_no_more_than_plain_model():
         lowrank_gc = saved_bytes(model, ids)
     model.gradient_checkpointing_disable()
     assert lowrank_gc <= plain_gc < plain / 2, (lowrank_gc, plain_gc, plain)
+
+
+def test_docs_training_example_runs(tmp_path, monkeypatch):
+    """The example in docs/surgery.md's "Training through a patched model" section runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "surgery.md").read_text()
+    section = text[text.index("## Training through a patched model"):]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code, "docs/surgery.md", "exec"), {})

@@ -1,0 +1,201 @@
+"""Training memory and time through a patched model (issue 12, defects 4 and 5).
+
+One forward + backward of a random-weight Llama (default: the issue's shape, hidden 1024, 3 layers,
+one sequence of 2048 tokens, a rank-16 LowRank patch at ``layers.1.resid_post``), each variant in a
+fresh subprocess so that its peak RSS is its own:
+
+  plain                     the unpatched model
+  plain_gc / plain_gc_re    the unpatched model with gradient_checkpointing_enable (non-reentrant /
+                            reentrant)
+  fp_empty                  fastpatch.apply(model, {})
+  fp_lowrank16              a trainable rank-16 LowRank (fastpatch.kernels.autograd.TrainableBank)
+  fp_lowrank16_gc / _gc_re  the same with checkpointing (non-reentrant / reentrant)
+  fp_lowrank16_old_path     the same patch through the pre-fix autograd path (fused.run_norm falling back
+                            to the float64 reference whenever the stream requires grad), for comparison
+
+Measured per variant:
+
+  saved_MiB      bytes of distinct activation storages autograd saves for backward in one forward
+                 (torch.autograd.graph.saved_tensors_hooks; parameters excluded). Deterministic.
+  peak_rss_MiB   peak RSS during one forward + backward minus the RSS just before it (after a small
+                 warm-up forward + backward, so libraries and kernels are already loaded)
+  fwd_bwd_ms     median wall time of forward + backward (noisy on a shared machine; loadavg is
+                 recorded)
+  recomputed     decoder-layer forward calls during backward (checkpointing: = layers)
+
+    python benchmarks/training_memory.py                 # -> benchmarks/results/training_memory_<date>.{json,md}
+    python benchmarks/training_memory.py --tokens 256 --hidden 256 --no-write
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS = ("plain", "plain_gc", "plain_gc_re", "fp_empty", "fp_lowrank16", "fp_lowrank16_gc",
+            "fp_lowrank16_gc_re", "fp_lowrank16_old_path")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_variant(args) -> dict:
+    """Runs in the child process: build, warm up, measure; returns the numbers."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import transformers as tf
+
+    import fastpatch as fp
+    from fastpatch.kernels import autograd as ag
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    cfg = tf.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, vocab_size=args.vocab,
+                         max_position_embeddings=max(4096, args.tokens))
+    cfg._attn_implementation = "sdpa"
+    model = tf.LlamaForCausalLM(cfg).train()
+    v = args.variant
+    if v.endswith("_gc") or v.endswith("_gc_re"):
+        model.gradient_checkpointing_enable({"use_reentrant": v.endswith("_re")})
+    if v == "fp_empty":
+        fp.apply(model, {})
+    elif v.startswith("fp_lowrank16"):
+        D, r = args.hidden, 16
+        g = torch.Generator().manual_seed(1)
+        bank = ag.TrainableBank([fp.LowRank(torch.randn(D, r, generator=g) / D**0.5,
+                                            torch.randn(r, D, generator=g) / r**0.5)], D)
+        fp.apply(model, {"layers.1.resid_post": bank})
+        if v.endswith("old_path"):
+            _old_run_norm()
+
+    calls = [0]
+    for layer in model.model.layers:
+        # a pre-hook: non-reentrant checkpointing stops a recompute early once it has every saved
+        # tensor back, so a forward hook after the MLP may never run even though the layer was recomputed
+        layer.self_attn.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+
+    def step(ids):
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, use_cache=False).logits.float().square().mean()
+        fwd = calls[0]
+        loss.backward()
+        return calls[0] - fwd
+
+    warm = torch.randint(0, args.vocab, (1, 16))
+    step(warm)
+    ids = torch.randint(0, args.vocab, (1, args.tokens))
+
+    # saved-for-backward bytes (one forward, graph dropped)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, use_cache=False).logits
+    del out
+    saved = sum(seen.values())
+
+    model.zero_grad(set_to_none=True)
+    rss0 = _rss_mib()
+    peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    recomputed = step(ids)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        step(ids)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return dict(variant=v, saved_MiB=saved / 2**20, peak_rss_MiB=max(0.0, peak - max(rss0, 0.0)),
+                peak_grew=peak > peak0, rss_before_MiB=rss0, fwd_bwd_ms=statistics.median(times),
+                recomputed=recomputed)
+
+
+def _old_run_norm():
+    """The pre-fix autograd path, reproduced for comparison: the float64 reference when the stream
+    requires grad, the kernel (no gradient to anything) otherwise."""
+    from fastpatch.integrations.hf import fused
+    from fastpatch.kernels.backends import reference_backend
+
+    def run_norm(run, x2, r2, norm, slot):
+        if x2.requires_grad or (r2 is not None and r2.requires_grad):
+            run = reference_backend.run
+        mod = norm.module
+        b = mod.bias if norm.has_bias else None
+        if slot is None:
+            return run(x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, None, None, None, None, None)
+        return run(x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, slot[0], slot[1], slot[2], None, None)
+
+    fused.run_norm = run_norm
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    if args.variant:  # child
+        print(json.dumps(run_variant(args)))
+        return 0
+    rows = []
+    for v in args.variants:
+        cmd = [sys.executable, __file__, "--variant", v] + [
+            f"--{k}={getattr(args, k)}" for k in ("hidden", "intermediate", "layers", "heads", "vocab", "tokens",
+                                                  "threads", "repeats")]
+        load = open("/proc/loadavg").read().split()[:3]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(res.stderr[-3000:], file=sys.stderr)
+            return 1
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        row["loadavg"] = " ".join(load)
+        rows.append(row)
+        print(f"{v:24s} saved {row['saved_MiB']:8.1f} MiB  peak RSS +{row['peak_rss_MiB']:8.1f} MiB  "
+              f"fwd+bwd {row['fwd_bwd_ms']:8.1f} ms  recomputed {row['recomputed']}  (load {row['loadavg']})",
+              flush=True)
+    if not args.no_write:
+        date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        out = ROOT / "benchmarks" / "results" / f"training_memory_{date}"
+        shape = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "vocab", "tokens",
+                                               "threads", "repeats")}
+        (out.with_suffix(".json")).write_text(json.dumps({"shape": shape, "rows": rows}, indent=1))
+        lines = [f"# Training memory, {date}", "", f"Llama {shape}, fp32, CPU, one forward + backward.", "",
+                 "| variant | saved for backward MiB | peak RSS increase MiB | fwd+bwd ms | layers recomputed "
+                 "| loadavg |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for r in rows:
+            lines.append(f"| {r['variant']} | {r['saved_MiB']:.1f} | {r['peak_rss_MiB']:.1f} | {r['fwd_bwd_ms']:.0f} "
+                         f"| {r['recomputed']} | {r['loadavg']} |")
+        (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+        print(f"wrote {out}.json/.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
