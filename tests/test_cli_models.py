@@ -211,3 +211,10 @@ def test_help_says_how_to_install_the_default_model(command, capsys):
         main([command, "--help"])
     out = capsys.readouterr().out
     assert SMOLLM2_INSTALL in out and "PATH_OR_ID" in out and "--dtype" in out
+
+
+def test_traceback_on_request(prompts, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTPATCH_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="out of range"):
+        main(["fit", "--model", "tiny", "--site", "layers.7.resid_post", "--pairs", str(prompts),
+              "--out", str(tmp_path / "o.safetensors"), "-q"])

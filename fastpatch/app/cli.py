@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastpatch",
         description="Activation patches fused into the residual add + norm. "
                     "Run `fastpatch COMMAND --help` for each command.",
+        epilog="A mistake a person can fix (a wrong site, a missing file or package, a bad value) is reported "
+               "in one line with exit status 2; set FASTPATCH_TRACEBACK=1 to see the traceback instead.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _load_commands():
