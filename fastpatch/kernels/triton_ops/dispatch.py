@@ -101,8 +101,10 @@ def tile_chunk(r_pad: int, dot_fp32: bool, grouped: bool) -> int:
     With D divisible by 16 a [32, 64] chunk at R_PAD 16 put 8 bytes on the stack (80 registers),
     and the grouped kernel's second set of bank tiles needs narrower chunks at high ranks."""
     if dot_fp32:  # fp32 operand tiles are twice as big
-        if r_pad <= 32:
+        if r_pad <= 16:
             return 32 if grouped else 64
+        if r_pad == 32:
+            return 16  # 64 and 32 put 8 bytes on the stack (fp16 sm_80; fp32 sm_90 on triton 3.6)
         return 16
     if r_pad <= 16:
         return 32
@@ -140,8 +142,9 @@ def select(N: int, D: int, rank: int = 0, index_given: bool = False, num_patches
             warps = 16  # 8 warps spilled (sm_80, every part on); 16 keep 8 values per thread per row
         return LaunchConfig("row", BLOCK_D=block_d, num_warps=warps, SINGLE_PASS=True)
     # Chunked: the z vector ([R_PAD] fp32) must hold every rank before the second pass.
-    return LaunchConfig("row", BLOCK_D=CHUNK_D, num_warps=8, SINGLE_PASS=False,
-                         R_PAD=rank_pad(rank) if rank > 0 else MIN_R_PAD)
+    # R_PAD 256 with 8 warps put 8 bytes on the stack (fp32, sm_90, D divisible by 16); 16 warps did not.
+    r_pad = rank_pad(rank) if rank > 0 else MIN_R_PAD
+    return LaunchConfig("row", BLOCK_D=CHUNK_D, num_warps=16 if r_pad >= 256 else 8, SINGLE_PASS=False, R_PAD=r_pad)
 
 
 def _probe_points():
