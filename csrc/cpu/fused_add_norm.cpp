@@ -792,10 +792,9 @@ void fused_add_norm_cpu(
 }
 
 // True when every entry of a contiguous CPU int32/int64 index lies in [-1, num_patches): the
-// public op's per-call index check on its fast path (fastpatch/kernels/ops.py). One pass, no
+// per-call index check of Plan::run below. One pass, no
 // allocation: ~0.1 µs for a decode batch where torch's min()/max() cost two ops and two syncs.
-// Anything it cannot scan (wrong dtype or device, non-contiguous) answers false, and the caller
-// then takes the fully checked path, which reports the problem.
+// Anything it cannot scan (wrong dtype or device, non-contiguous) answers false.
 bool index_in_range(const at::Tensor& index, int64_t num_patches) {
   if (!index.device().is_cpu() || !index.is_contiguous()) return false;
   const int64_t n = index.numel();
@@ -808,6 +807,48 @@ bool index_in_range(const at::Tensor& index, int64_t num_patches) {
   if (index.scalar_type() == at::kLong) return scan(index.data_ptr<int64_t>());
   return false;
 }
+
+// The public op's fast path (fastpatch/kernels/ops.py): the parts of a call that stay the same from
+// call to call (norm weight and bias, eps, norm kind, offset, the bank's tensors), checked once in
+// Python and held here, so a call passes 6 tensors instead of 18 (pybind11 converts each argument,
+// ~25 ns apiece) and the per-call checks below run in C++. run() answers false for anything it does
+// not take (a non-2-D x, another hidden size, an index that is not 1-D or out of range) and
+// fused_add_norm_cpu throws for anything inconsistent, both before any memory is touched; the
+// caller then goes through the fully checked path, which reports the problem or handles it.
+class Plan {
+ public:
+  Plan(std::optional<at::Tensor> weight, std::optional<at::Tensor> bias, double eps, int64_t norm_kind,
+       double weight_offset, std::optional<at::Tensor> down, std::optional<at::Tensor> down_bias,
+       std::optional<at::Tensor> up, std::optional<at::Tensor> shift, std::optional<at::Tensor> gate_dir,
+       std::optional<at::Tensor> gate_threshold, std::optional<at::Tensor> gate_mode, int64_t hidden)
+      : weight_(std::move(weight)), bias_(std::move(bias)), eps_(eps), norm_kind_(norm_kind),
+        weight_offset_(weight_offset), down_(std::move(down)), down_bias_(std::move(down_bias)),
+        up_(std::move(up)), shift_(std::move(shift)), gate_dir_(std::move(gate_dir)),
+        gate_threshold_(std::move(gate_threshold)), gate_mode_(std::move(gate_mode)), hidden_(hidden),
+        num_patches_(gate_mode_.has_value() ? gate_mode_->numel() : 0) {}
+
+  bool run(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+           const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& fire_counts,
+           const at::Tensor& out, const at::Tensor& residual_out, bool check_index) const {
+    if (x.dim() != 2 || x.size(1) != hidden_) return false;
+    if (index.has_value()) {
+      if (index->dim() != 1) return false;
+      if (check_index && !index_in_range(*index, num_patches_)) return false;
+    }
+    fused_add_norm_cpu(x, residual, weight_, bias_, eps_, norm_kind_, weight_offset_, down_, down_bias_,
+                       up_, shift_, gate_dir_, gate_threshold_, gate_mode_, index, fire_counts, out,
+                       residual_out);
+    return true;
+  }
+
+ private:
+  std::optional<at::Tensor> weight_, bias_;
+  double eps_;
+  int64_t norm_kind_;
+  double weight_offset_;
+  std::optional<at::Tensor> down_, down_bias_, up_, shift_, gate_dir_, gate_threshold_, gate_mode_;
+  int64_t hidden_, num_patches_;
+};
 
 // Whether at::parallel_for in this build can use more than one thread (it needs OpenMP).
 bool built_with_openmp() {
@@ -843,8 +884,12 @@ TORCH_LIBRARY_IMPL(fastpatch_cpp, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_norm", &fastpatch::cpu::fused_add_norm_cpu,
         "fused add + patch + norm (eager fast path; same kernel as torch.ops.fastpatch_cpp)");
-  m.def("index_in_range", &fastpatch::cpu::index_in_range,
-        "all entries of a contiguous CPU int32/int64 index in [-1, num_patches)");
+  pybind11::class_<fastpatch::cpu::Plan>(m, "Plan")
+      .def(pybind11::init<std::optional<at::Tensor>, std::optional<at::Tensor>, double, int64_t, double,
+                          std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                          std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                          std::optional<at::Tensor>, int64_t>())
+      .def("run", &fastpatch::cpu::Plan::run);
   m.def("built_with_openmp", &fastpatch::cpu::built_with_openmp,
         "whether at::parallel_for in this build can run on several threads");
 }

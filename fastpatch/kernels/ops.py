@@ -179,27 +179,23 @@ def fused_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     # Fast path (see _Plan): a call whose weight, bias, bank and fire_counts were checked before.
     # Never while torch.compile traces (the pybind11 kernel is opaque to it; is_compiling() is a
     # constant there, so this whole block drops out of the trace).
-    if not torch.compiler.is_compiling():
+    if not _is_compiling():
         try:
-            plan = _plans.get((id(weight), id(bias), id(bank), id(fire_counts), eps, norm, weight_offset,
-                               backend, index is None))
-        except TypeError:  # an unhashable argument: the checked path names it
+            plan = _plans[id(weight), id(bank), id(bias), id(fire_counts), eps, norm, weight_offset, backend,
+                          index is None]
+        except (KeyError, TypeError):  # TypeError: an unhashable argument, which the checked path names
             plan = None
-        if (plan is not None and plan.weight() is weight and plan.bias() is bias and plan.bank() is bank
-                and plan.fire_counts() is fire_counts and isinstance(x, torch.Tensor)
-                and x.dtype is plan.dtype and x.dim() == 2 and x.shape[1] == plan.hidden
-                and (index is None or (isinstance(index, torch.Tensor) and index.dim() == 1 and (
-                    not config.check_index_values or plan.index_ok(index, plan.num_patches))))):
-            o = torch.empty_like(x) if out is None else out
-            r = torch.empty_like(x) if residual_out is None else residual_out
+        if (plan is not None and plan.bank() is bank and plan.weight is weight and plan.bias is bias
+                and plan.fire_counts is fire_counts):
             try:
-                # The C++ op checks every tensor it reads or writes (device, dtype, contiguity,
-                # sizes) before touching memory; what it rejects goes to the checked path, which
-                # raises the error a first call would (or handles it, e.g. a non-contiguous x).
-                plan.kernel(x, residual, plan.weight_t, plan.bias_t, plan.eps, plan.norm_kind, plan.offset,
-                            *plan.bank_args, index, fire_counts, o, r)
-                return o, r
-            except (RuntimeError, TypeError):
+                o = torch.empty_like(x) if out is None else out
+                r = torch.empty_like(x) if residual_out is None else residual_out
+                # Plan.run checks every tensor it reads or writes (device, dtype, contiguity, sizes,
+                # index range) before touching memory; what it does not take goes to the checked
+                # path, which raises the error a first call would (or handles e.g. a 3-D x).
+                if plan.run(x, residual, index, fire_counts, o, r, config.check_index_values):
+                    return o, r
+            except (RuntimeError, TypeError, ValueError):
                 pass
     return _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offset, fire_counts,
                          out, residual_out, backend)
@@ -228,67 +224,60 @@ def _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offs
 # check_inputs costs ~10 µs per call, ten times the C++ kernel on a decode step (1 × 576: kernel
 # ~0.8 µs). Most of it re-checks the same weight, bank and fire_counts objects on every call. The
 # first fully checked call with the cpp backend records a _Plan keyed on those objects (and eps,
-# norm, weight_offset, backend, whether an index is given); later calls with the same objects and a
-# 2-D x of the same dtype and hidden size skip check_inputs:
-#   - the plan holds weak references and is dropped when any of its objects dies, so an id reused by
-#     a new object after garbage collection never finds an old plan (and a plan never keeps a bank's
-#     tensors alive);
-#   - x, residual, out, residual_out and index are new on every call and are checked every call:
-#     dtype, 2-D, hidden size and a 1-D index here, the rest (device, contiguity, sizes, dtypes)
-#     by the C++ op before it touches memory; anything it rejects re-runs through the checked path,
-#     so bad input gets exactly the checked path's error;
+# norm, weight_offset, backend, whether an index is given); later calls with the same objects skip
+# check_inputs and call the C++ Plan (csrc/cpu/fused_add_norm.cpp), which holds the checked tensors:
+#   - weight, bias and fire_counts are held by the plan (so their ids cannot be reused while it
+#     lives); the bank is held by a weak reference and the plan is dropped when the bank dies, so a
+#     new bank that gets a dead one's id never finds its plan, and a plan never keeps a bank's
+#     tensors alive. At most _MAX_PLANS plans are kept (then all are dropped: small tensors only);
+#   - x, residual, out, residual_out and index are new on every call and are checked on every call
+#     by the C++ plan before it touches memory: 2-D x of the plan's hidden size, devices, dtypes,
+#     contiguity, sizes, a 1-D index with one entry per row. Anything it does not take re-runs
+#     through the checked path, so bad input gets exactly the checked path's error;
 #   - index values are range-checked on every call while config.check_index_values is on (a C++
 #     scan, ~0.1 µs), so in-place edits of a reused index buffer are caught as before;
-#   - what the plan does not see: replacing a checked tensor's storage in place (``weight.data =
-#     other``, ``set_``, ``resize_``) after the first call. The C++ op still checks sizes and dtypes
-#     of everything it reads, so this can change results but never read out of bounds. Values may
-#     change freely (they are read on every call).
+#   - what a plan does not see: replacing a checked tensor's storage in place (``weight.data =
+#     other``, ``set_``, ``resize_``) or a bank's attributes after the first call. The C++ op still
+#     checks the sizes and dtypes of everything it reads, so this can change results but never read
+#     out of bounds. Values may change freely (they are read on every call).
 
 _CPP_MODULE = "fastpatch.kernels.backends.cpp"
 _MAX_PLANS = 256
 _plans: dict = {}
+_is_compiling = torch.compiler.is_compiling
 
 
-def _no_object():
+def _no_bank():
     return None
 
 
 class _Plan:
-    __slots__ = ("weight", "bias", "bank", "fire_counts", "weight_t", "bias_t", "dtype", "hidden", "eps",
-                 "norm_kind", "offset", "bank_args", "num_patches", "kernel", "index_ok", "__weakref__")
+    __slots__ = ("bank", "weight", "bias", "fire_counts", "run", "__weakref__")
 
 
 def _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, backend, index_is_none, dtype,
               hidden, norm_kind, impl):
-    key = (id(weight), id(bias), id(bank), id(fire_counts), eps, norm, weight_offset, backend, index_is_none)
     if w is not weight or b is not bias:
         return  # non-contiguous weight/bias: check_inputs copies them, every call (keep the checked path)
+    key = (id(weight), id(bank), id(bias), id(fire_counts), eps, norm, weight_offset, backend, index_is_none)
     plan = _Plan()
     plan_ref = weakref.ref(plan)
 
-    def forget(_dead, key=key):
+    def forget(_dead_bank, key=key):
         if _plans.get(key) is plan_ref():
             _plans.pop(key, None)
 
-    refs = []
-    for obj in (weight, bias, bank, fire_counts):
-        refs.append(_no_object if obj is None else weakref.ref(obj, forget))
-    plan.weight, plan.bias, plan.bank, plan.fire_counts = refs
-    plan.weight_t, plan.bias_t = weight, bias
-    plan.dtype, plan.hidden = dtype, hidden
-    plan.eps, plan.norm_kind, plan.offset = float(eps), norm_kind, float(weight_offset)
+    plan.bank = _no_bank if bank is None else weakref.ref(bank, forget)
+    plan.weight, plan.bias, plan.fire_counts = weight, bias, fire_counts
     if bank is None:
-        plan.bank_args = (None,) * 7
-        plan.num_patches = 0
+        bank_args = (None,) * 7
     else:  # the bank's tensors spread as call_flat does (parts no patch uses are None)
         low_rank, gated = bank.rank > 0, bank.has_gate
-        plan.bank_args = (bank.down if low_rank else None, bank.bias if low_rank else None,
-                          bank.up if low_rank else None, bank.shift if bank.has_shift else None,
-                          bank.gate_dir if gated else None, bank.gate_threshold if gated else None,
-                          bank.gate_mode)
-        plan.num_patches = bank.num_patches
-    plan.kernel = impl.direct()
-    plan.index_ok = impl.index_checker()
+        bank_args = (bank.down if low_rank else None, bank.bias if low_rank else None,
+                     bank.up if low_rank else None, bank.shift if bank.has_shift else None,
+                     bank.gate_dir if gated else None, bank.gate_threshold if gated else None,
+                     bank.gate_mode)
+    plan.run = impl.make_plan(weight, bias, float(eps), norm_kind, float(weight_offset), *bank_args, hidden).run
     if len(_plans) >= _MAX_PLANS:
         _plans.clear()
     _plans[key] = plan

@@ -35,7 +35,7 @@ _built: Optional[bool] = None
 _error: str = ""
 _op = None  # torch.ops.fastpatch_cpp.fused_add_norm.default once built
 _direct = None  # the same kernel as a pybind11 function: ~0.5 µs per call instead of ~4 µs
-_module = None  # the extension module (also index_in_range, built_with_openmp)
+_module = None  # the extension module (also Plan, built_with_openmp)
 
 
 def _simd_flags() -> list[str]:
@@ -123,18 +123,14 @@ def op():
     return _op
 
 
-def direct():
-    """The kernel as a pybind11 function (eager calls only: torch.compile needs :func:`op`)."""
-    if _direct is None:
-        op()
-    return _direct
-
-
-def index_checker():
-    """``f(index, num_patches) -> bool``: every entry of a contiguous CPU int index in [-1, P)."""
+def make_plan(weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir, gate_threshold,
+              gate_mode, hidden):
+    """A C++ plan holding a call's checked, unchanging arguments (see fastpatch/kernels/ops.py):
+    ``plan.run(x, residual, index, fire_counts, out, residual_out, check_index) -> bool``."""
     if _module is None:
         op()
-    return _module.index_in_range
+    return _module.Plan(weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
+                        gate_threshold, gate_mode, hidden)
 
 
 def built_with_openmp() -> bool:
