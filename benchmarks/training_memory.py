@@ -23,8 +23,17 @@ Measured per variant:
                  recorded)
   recomputed     decoder-layer forward calls during backward (checkpointing: = layers)
 
+With ``--op-timing`` it instead times one site's forward + backward, paired and round-robin (each
+repeat runs every variant once, back to back, so machine load hits them alike), [tokens, hidden] fp32:
+
+  torch_plain     h = x + r; Hugging Face's LlamaRMSNorm (fp32 upcast, rsqrt, weight) — no patch
+  torch_lowrank   the same with h += (h·A + b)·B in torch ops (what a hook-based trainer runs)
+  fp_plain        fastpatch.kernels.autograd.fused_add_norm, no bank
+  fp_lowrank      the same with a rank-16 TrainableBank
+
     python benchmarks/training_memory.py                 # -> benchmarks/results/training_memory_<date>.{json,md}
     python benchmarks/training_memory.py --tokens 256 --hidden 256 --no-write
+    python benchmarks/training_memory.py --op-timing --repeats 30
 """
 from __future__ import annotations
 
@@ -147,6 +156,66 @@ def _old_run_norm():
     fused.run_norm = run_norm
 
 
+def op_timing(args) -> list:
+    """Paired forward + backward times of one site (see the module docstring)."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    import fastpatch as fp
+    from fastpatch.kernels import autograd as ag
+
+    torch.set_num_threads(args.threads)
+    N, D, r = args.tokens, args.hidden, 16
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    res = torch.randn(N, D, generator=g, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(D, generator=g))
+    A = torch.nn.Parameter(torch.randn(D, r, generator=g) / D**0.5)
+    Bm = torch.nn.Parameter(torch.randn(r, D, generator=g) / r**0.5)
+    b = torch.nn.Parameter(torch.zeros(r))
+    bank = ag.TrainableBank([fp.LowRank(A.detach(), Bm.detach())], D)
+    gout, gres = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+
+    def hf_norm(h):
+        hf = h.to(torch.float32)
+        var = hf.pow(2).mean(-1, keepdim=True)
+        return w * (hf * torch.rsqrt(var + 1e-6)).to(h.dtype)
+
+    def torch_plain():
+        h = x + res
+        return hf_norm(h), h
+
+    def torch_lowrank():
+        h = x + res
+        h = h + (h @ A + b) @ Bm
+        return hf_norm(h), h
+
+    def fp_plain():
+        return ag.fused_add_norm(x, res, w, eps=1e-6)
+
+    def fp_lowrank():
+        return ag.fused_add_norm(x, res, w, eps=1e-6, bank=bank)
+
+    variants = {"torch_plain": torch_plain, "torch_lowrank": torch_lowrank, "fp_plain": fp_plain,
+                "fp_lowrank": fp_lowrank}
+    times = {k: [] for k in variants}
+    for rep in range(args.repeats + 2):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            o, h = fn()
+            torch.autograd.backward((o, h), (gout, gres))
+            dt = (time.perf_counter() - t0) * 1e3
+            if rep >= 2:  # two warm-up rounds
+                times[name].append(dt)
+    rows = []
+    for name in variants:
+        rows.append(dict(variant=name, median_ms=statistics.median(times[name]),
+                         vs_torch_plain=statistics.median(a / p for a, p in zip(times[name], times["torch_plain"])),
+                         vs_torch_lowrank=statistics.median(a / p for a, p in zip(times[name],
+                                                                                times["torch_lowrank"]))))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=1024)
@@ -160,7 +229,17 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--op-timing", action="store_true", help="time one site's forward + backward instead")
     args = ap.parse_args(argv)
+    if args.op_timing:
+        load = " ".join(open("/proc/loadavg").read().split()[:3])
+        rows = op_timing(args)
+        for r in rows:
+            print(f"{r['variant']:14s} {r['median_ms']:8.2f} ms   /torch_plain {r['vs_torch_plain']:.3f}   "
+                  f"/torch_lowrank {r['vs_torch_lowrank']:.3f}")
+        print(f"[{args.tokens} x {args.hidden}] fp32, {args.threads} threads, {args.repeats} paired repeats, "
+              f"loadavg before: {load}, after: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+        return 0
     if args.variant:  # child
         print(json.dumps(run_variant(args)))
         return 0

@@ -498,6 +498,29 @@ def test_layers_recomputed_and_fires_counted_once(reentrant):
     assert int(fires[None]["layers.0.resid_post"][0]) > 0
 
 
+def test_hooks_implementation_under_checkpointing():
+    """fastpatch.hooks shares the step hooks: its recompute sees the same select ids too."""
+    model = _model("llama")
+    D = model.config.hidden_size
+    g = torch.Generator().manual_seed(6)
+    bank = fp.PatchBank([make_patch("lowrank", D, g), make_patch("steer", D, g)], D)
+    ids = torch.randint(0, 128, (B, S), generator=g)
+    grads = {}
+    for gc in (None, False, True):
+        if gc is None:
+            model.gradient_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": gc})
+        model.zero_grad(set_to_none=True)
+        with fp.hooks.patched(model, {"layers.0.resid_post": bank}) as handle:
+            handle.select(torch.tensor([1, 0]))
+            _forward(model, ids).square().mean().backward()
+        grads[gc] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.gradient_checkpointing_disable()
+    for gc in (False, True):
+        _compare(grads[gc], grads[None], f"hooks, use_reentrant={gc}")
+
+
 # --------------------------------------------------------------------------------------------------
 # memory: bytes saved for backward
 # --------------------------------------------------------------------------------------------------
