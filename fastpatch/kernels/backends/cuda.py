@@ -7,6 +7,8 @@ The result is cached: a failed build is not retried in the same process.
 A build takes minutes (4 translation units, each instantiating the kernel template for its
 dtype): when no cached build is found, a message says so on stderr before it starts and a line
 every 30 s while it runs; ``fastpatch build --cuda`` (or :func:`build`) does it ahead of time.
+``FASTPATCH_CUDA_BUILD=0`` never compiles: without a cached build the backend is unavailable
+(``backend=None`` then uses Triton alone).
 
 Eager calls go through a pybind11 function (~0.5 µs per call); while torch.compile traces, the
 registered op ``torch.ops.fastpatch.fused_add_norm_cuda`` (with a fake impl) is used instead.
@@ -99,6 +101,10 @@ def build(verbose: bool = False, quiet: bool = False) -> None:
             missing = [str(s) for s in _SOURCES if not s.exists()]
             if missing:
                 raise FileNotFoundError(f"CUDA sources not found: {missing}")
+            if os.environ.get("FASTPATCH_CUDA_BUILD", "1") == "0" and not is_cached():
+                announce = False
+                raise RuntimeError("no cached build and FASTPATCH_CUDA_BUILD=0 forbids compiling one "
+                                   "(run `fastpatch build --cuda`)")
             folder = build_directory()
             folder.mkdir(parents=True, exist_ok=True)
             if announce:
