@@ -8,7 +8,7 @@ from ...kernels import backends
 from .engine import Engine, build_plan
 from .fused import install, uninstall
 from .handle import MARK, Handle, check_not_patched, install_step_hooks
-from .sites import UnsupportedModelError, model_info
+from .sites import UnsupportedModelError, model_info, unwrap
 from . import drift, hooks
 
 
@@ -25,6 +25,7 @@ def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Opti
     """
     if fallback not in (None, "hooks"):
         raise ValueError(f"fallback must be None or 'hooks', got {fallback!r}")
+    model = unwrap(model)  # pyvene / pyreft / nnsight wrappers: patch the model inside
     check_not_patched(model)
     try:
         info = model_info(model)
@@ -49,13 +50,14 @@ def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Opti
                 drift.check_pre(engine, captured)
             else:
                 drift.check_post(engine)
+            engine.fusion_hits = engine.fusion_misses = 0  # the check's own calls are not the user's
         install_step_hooks(handle)
         setattr(model, MARK, handle)
     except BaseException as exc:
         for h in handle._hooks:
             h.remove()
         uninstall(handle._targets)
-        if isinstance(exc, drift.FusedMismatchError) and fallback == "hooks":
+        if isinstance(exc, UnsupportedModelError) and fallback == "hooks":  # drift, or refused by install
             return hooks.apply(model, patches, count_fires=count_fires)
         raise
     return handle

@@ -193,6 +193,7 @@ class Engine:
         self.fusion_hits = 0
         self.fusion_misses = 0
         self._expand_memo = None  # (ids, B, ids expanded to B rows)
+        self.removed = False  # set by handle.remove(): fused forwards still reachable pass through
 
     # --- per forward -------------------------------------------------------------------------
     def current(self) -> Step:

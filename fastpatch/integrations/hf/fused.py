@@ -81,9 +81,23 @@ def global_hooks() -> bool:
     return bool(_GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1])
 
 
+def ours(fn):
+    """Mark a forward as installed by fastpatch (see :func:`foreign`, :func:`uninstall`)."""
+    fn._fastpatch = True
+    return fn
+
+
+def foreign(module) -> bool:
+    """True if ``module`` has an instance-level forward that fastpatch did not install: another library
+    (nnsight wraps every module's forward) runs its own code around the module's call."""
+    f = module.__dict__.get("forward")
+    return f is not None and not getattr(f, "_fastpatch", False)
+
+
 def hooked(module) -> bool:
-    """True if calling ``module`` would run a hook (its own forward/pre hooks or a global one)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks) or global_hooks()
+    """True if calling ``module`` would run foreign code: its own forward/pre hooks, a global hook or
+    another library's instance forward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or global_hooks() or foreign(module)
 
 
 def version_of(t):
@@ -102,7 +116,13 @@ def stash_valid(st, x) -> bool:
 
 def check_installable(modules) -> None:
     for m in modules:
-        if "forward" in m.__dict__:
+        f = m.__dict__.get("forward")
+        if f is not None and type(f).__module__.startswith("nnsight"):
+            raise UnsupportedModelError(
+                f"{type(m).__name__} is instrumented by nnsight (it replaces every module's forward): apply "
+                "fastpatch first and wrap the model with nnsight afterwards (fastpatch.apply(model, ...); "
+                "nnsight.NNsight(model)), or use fallback='hooks'")
+        if f is not None:
             raise UnsupportedModelError(
                 f"{type(m).__name__} already has an instance-level forward (accelerate hooks, another patcher "
                 "or a previous fastpatch.apply not removed); fastpatch cannot fuse it. Use fallback='hooks'")
@@ -160,24 +180,31 @@ def _install_pre(engine: Engine, impl) -> list:
         # What runs between this layer's return and the next consumer of the stash: this block's
         # forward hooks, then the next block's pre-hooks and (skipped on a hit) its ln1 with its hooks;
         # or the final norm's pre-hooks (its forward hooks see the stashed output, that is fine).
+        # Another library may also replace a module's forward after apply (nnsight) or put a wrapper
+        # module in the layer list (repeng's ControlModule): foreign code then runs around the call.
         next_block = layers[i + 1] if i + 1 < L else None
         next_norm = nxt.module if nxt is not None else None
         names = param_names(type(block).forward)
         mid_key, post_key, pre_key = ("mid", i), ("post", i), ("pre", 0)
+        key, next_key = str(i), str(i + 1)
+        cls_forward = type(block).forward
 
         def can_stash() -> bool:
-            if block._forward_hooks or global_hooks():
+            if block._forward_hooks or global_hooks() or foreign(block) or live.get(key) is not block:
                 return False
             # A checkpointed layer is one autograd unit, run again in backward: no tensor may cross
             # into or out of it except its arguments and its return value.
             if checkpointed(block) or (next_block is not None and checkpointed(next_block)):
                 return False
             if next_block is not None:
-                return not (next_block._forward_pre_hooks or next_norm._forward_hooks
-                            or next_norm._forward_pre_hooks)
-            return not next_norm._forward_pre_hooks
+                return not (next_block._forward_pre_hooks or foreign(next_block) or hooked(next_norm)
+                            or live.get(next_key) is not next_block)
+            return not (next_norm._forward_pre_hooks or foreign(next_norm))
 
+        @ours
         def forward(hidden_states, *args, **kwargs):
+            if engine.removed:  # still called by a wrapper that captured it (nnsight): the plain block
+                return cls_forward(block, hidden_states, *args, **kwargs)
             if args:
                 kwargs = kwargs_of(names, args, kwargs)
             step = getattr(tls, "step", None) or current()
@@ -229,13 +256,15 @@ def _install_pre(engine: Engine, impl) -> list:
 
         return forward
 
+    live = get_path(info.base, spec.layers)._modules  # the model's layer list as it is now
     for i, block in enumerate(layers):
         block.forward = make_layer(i, block)
     if final_mod is not None:
         cls_forward = type(final_mod).forward
 
+        @ours
         def final_forward(x, *args, **kwargs):
-            step = getattr(tls, "step", None)
+            step = None if engine.removed else getattr(tls, "step", None)
             if step is not None:
                 st = step.stash
                 step.stash = None
@@ -261,8 +290,12 @@ def _install_post(engine: Engine, impl) -> list:
     def make_out(module, key, slot_of):
         norm = _Norm(module.LayerNorm, "layer", 0.0)
         dense, dropout = module.dense, module.dropout
+        cls_forward = type(module).forward
 
+        @ours
         def forward(hidden_states, input_tensor):
+            if engine.removed:
+                return cls_forward(module, hidden_states, input_tensor)
             step = getattr(tls, "step", None) or current()
             x = dropout(dense(hidden_states))
             D = x.shape[-1]
@@ -286,7 +319,12 @@ def _install_post(engine: Engine, impl) -> list:
     check_installable([m for m, _ in outs] + [emb_ln])
     norm0 = _Norm(emb_ln, "layer", 0.0)
 
+    emb_cls_forward = type(emb_ln).forward
+
+    @ours
     def emb_forward(x):
+        if engine.removed:
+            return emb_cls_forward(emb_ln, x)
         step = getattr(tls, "step", None) or current()
         D = x.shape[-1]
         x2 = x.reshape(-1, D).contiguous()
@@ -305,5 +343,9 @@ def _install_post(engine: Engine, impl) -> list:
 
 
 def uninstall(targets: list) -> None:
+    """Delete fastpatch's instance forwards (the class forward is back); a forward another library put
+    there since (nnsight) stays, and the fused function it may still call passes through once the
+    engine is marked removed."""
     for m in targets:
-        m.__dict__.pop("forward", None)
+        if getattr(m.__dict__.get("forward"), "_fastpatch", False):
+            del m.__dict__["forward"]

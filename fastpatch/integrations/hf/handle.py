@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 from .engine import Engine, build_plan, param_names, step_inputs
-from .fused import uninstall
+from .fused import ours, uninstall
 from .checkpointing import install as install_checkpointing
 
 MARK = "_fastpatch_handle"
@@ -100,6 +100,7 @@ class Handle:
         with self._lock:
             if self._removed:
                 return
+            self.engine.removed = True
             for h in self._hooks:
                 h.remove()
             uninstall(self._targets)
@@ -133,10 +134,34 @@ class Handle:
 
 
 def install_step_hooks(handle: Handle) -> None:
-    """Pre/post hooks on the base model: one Step per forward (indices, decisions)."""
+    """One Step per forward of the base model (indices, decisions): begun and ended by an instance
+    ``forward`` of the base model wrapping its class forward, not by hooks — pyvene removes every hook
+    of a model before each of its calls, and a step lost that way would silently drop scoped, selected
+    and CAST patches. Where the base model already has an instance forward (nnsight's), pre/post hooks."""
     engine = handle.engine
     base = engine.info.base
     names = param_names(type(base).forward, skip_first=0)
+    if "forward" not in base.__dict__:
+        cls_forward = type(base).forward
+
+        @ours
+        def forward(*args, **kwargs):
+            if engine.removed:
+                return cls_forward(base, *args, **kwargs)
+            B, S, mask, cache, device = step_inputs(names, args, kwargs)
+            engine.begin(B, S, mask, cache, device)
+            out = None
+            try:
+                out = cls_forward(base, *args, **kwargs)
+                return out
+            finally:
+                engine.end(out)
+
+        base.forward = forward
+        handle._targets.append(base)
+        install_checkpointing(handle)  # gradient checkpointing recomputes layers in the forward's step
+        _mark_generate(handle)
+        return
 
     def pre(module, args, kwargs):
         B, S, mask, cache, device = step_inputs(names, args, kwargs)

@@ -25,7 +25,7 @@ from .handle import MARK, Handle, check_not_patched, install_step_hooks
 from .arch import ArchSpec, get_path
 from .engine import Engine, build_plan
 from ...core.sites import parse_site
-from .sites import ModelInfo, UnsupportedModelError, find_spec, model_info
+from .sites import ModelInfo, UnsupportedModelError, find_spec, model_info, unwrap
 
 __all__ = ["apply", "patched", "record", "HooksHandle"]
 
@@ -177,6 +177,7 @@ def _install(handle: Handle) -> None:
 def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Optional[str] = None,
           count_fires: bool = False) -> HooksHandle:
     """Same API and semantics as :func:`fastpatch.apply`, with forward hooks (``backend`` ignored)."""
+    model = unwrap(model)
     check_not_patched(model)
     info = _info(model)
     plan = build_plan(info, patches, count_fires)

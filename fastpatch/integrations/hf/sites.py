@@ -40,6 +40,21 @@ class ModelInfo:
         return None if self.spec.final_norm is None else get_path(self.base, self.spec.final_norm)
 
 
+_WRAPPERS = {"pyvene": "model", "pyreft": "model", "nnsight": "_module"}
+
+
+def unwrap(model):
+    """The transformers model inside an interpretability wrapper: pyvene's IntervenableModel and
+    pyreft's ReftModel (``.model``; they hook the inner model per call), nnsight's NNsight /
+    LanguageModel (``._module``). Anything else is returned as is."""
+    attr = _WRAPPERS.get(type(model).__module__.split(".")[0])
+    if attr is not None:
+        inner = getattr(model, attr, None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    return model
+
+
 def find_spec(model) -> Optional[ArchSpec]:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -70,11 +85,15 @@ def model_info(model, spec: Optional[ArchSpec] = None) -> ModelInfo:
     if not layers:
         raise UnsupportedModelError(f"{type(model).__name__} has no layers")
     missing = []
-    for part in _required_parts(spec):
-        try:
-            get_path(layers[0], part)
-        except AttributeError:
-            missing.append(part)
+    firsts = {}
+    for block in layers:  # every distinct layer class (a wrapper such as repeng's ControlModule differs)
+        firsts.setdefault(type(block), block)
+    for block in firsts.values():
+        for part in _required_parts(spec):
+            try:
+                get_path(block, part)
+            except AttributeError:
+                missing.append(f"{type(block).__name__}.{part}")
     if spec.final_norm is not None:
         try:
             get_path(base, spec.final_norm)
@@ -83,7 +102,8 @@ def model_info(model, spec: Optional[ArchSpec] = None) -> ModelInfo:
     if missing:
         raise UnsupportedModelError(
             f"{type(model).__name__} (model_type {model_type!r}) lacks {missing}, which the {spec.name} "
-            "family has; use fallback='hooks'")
+            "family has (a layer wrapped by another library, e.g. repeng's ControlModel, looks like this: "
+            "apply fastpatch before wrapping); use fallback='hooks'")
     param = next(model.parameters())
     hidden = int(getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd"))
     return ModelInfo(spec, base, layers, len(layers), hidden, param.device, param.dtype)
