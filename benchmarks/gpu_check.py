@@ -451,18 +451,22 @@ def _add_ratios(rows):
 # --- the other parts -------------------------------------------------------------------------------
 
 def _subprocess(cmd, timeout, log, env=None) -> dict:
+    """Run ``cmd`` with a time limit; on timeout its whole process group (ninja, nvcc, pytest
+    workers) is killed, not just the direct child."""
+    import signal
+
     log("$ " + " ".join(cmd))
     start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
-        rc, text = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout or b""
-        err = exc.stderr or b""
-        text = (out.decode() if isinstance(out, bytes) else out) + (err.decode() if isinstance(err, bytes) else err)
+        text, _ = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
         rc = f"timeout after {timeout:.0f} s"
-    tail = text[-6000:]
+    tail = (text or "")[-6000:]
     log(tail)
     return dict(command=" ".join(cmd), returncode=rc, seconds=round(time.perf_counter() - start, 1), tail=tail)
 
