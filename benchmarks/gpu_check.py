@@ -477,15 +477,15 @@ def part_build(device, limit, log) -> dict:
     return _subprocess([sys.executable, "-m", "fastpatch", "build", "--cuda"], limit, log)
 
 
-GPU_TEST_FILES = ("tests/test_gpu_kernels.py", "tests/test_gpu_model.py", "tests/test_gpu_choice.py")
+GPU_TEST_FILES = ("tests/test_gpu_choice.py", "tests/test_gpu_model.py", "tests/test_gpu_kernels.py")
 
 
 def part_tests(device, limit, log) -> dict:
-    """The GPU tests written for real shapes and models first (60% of the limit), then every other
+    """The GPU tests written for real shapes and models first (65% of the limit), then every other
     gpu-marked test (each backend's grid on CUDA) in what is left."""
     start = time.monotonic()
     base = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--durations=10"]
-    first = _subprocess(base + list(GPU_TEST_FILES), 0.6 * limit, log)
+    first = _subprocess(base + list(GPU_TEST_FILES), 0.65 * limit, log)
     rest_args = [a for f in GPU_TEST_FILES for a in ("--ignore", f)]
     second = _subprocess(base + rest_args + ["tests"], max(30.0, limit - (time.monotonic() - start)), log)
     runs = [first, second]
