@@ -166,9 +166,10 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(f, (x, r, w, *tensors), eps=1e-6, atol=1e-6)
 
 
-def test_trainable_bank_checks_and_snapshot():
+def test_trainable_bank_checks_and_snapshot(tmp_path):
     D = 16
-    bank = ag.TrainableBank([fp.LowRank(torch.randn(D, 2), torch.randn(2, D))], D)
+    bank = ag.TrainableBank([fp.LowRank(torch.randn(D, 2), torch.randn(2, D)),
+                             fp.Gated(fp.Steer(torch.randn(D)), torch.randn(D), 0.1)], D)
     assert len(bank.parameters()) == 4 and all(isinstance(p, nn.Parameter) for p in bank.parameters())
     with pytest.raises(ValueError, match="down must be"):
         bank.assign(down=torch.zeros(1, 3, D))
@@ -176,12 +177,18 @@ def test_trainable_bank_checks_and_snapshot():
         bank.assign(gate_dir=torch.zeros(1, D))
     with torch.no_grad():
         bank.shift += 1.0  # an optimiser step, in place
+        bank.up[1] += 0.5  # patch 1 (a steer) padded to rank 2: its padding rows were trained too
+    fp.save({"layers.0.resid_post": bank}, tmp_path / "trained.safetensors")
+    loaded = fp.load(tmp_path / "trained.safetensors")["layers.0.resid_post"]
+    for name in (*TRAINED, "gate_dir", "gate_threshold", "gate_mode"):
+        assert torch.equal(getattr(loaded, name), getattr(bank, name).detach()), name
     snap = bank.snapshot()
     assert type(snap) is fp.PatchBank and torch.allclose(snap.shift, bank.shift.detach())
     # the reference reads the current values too
     x = torch.randn(3, D)
-    ro, rh = reference.fused_add_norm(x, None, torch.ones(D), bank=bank)
-    o, h = fp.fused_add_norm(x, None, torch.ones(D), bank=snap)
+    idx = torch.tensor([0, 1, 1])
+    ro, rh = reference.fused_add_norm(x, None, torch.ones(D), bank=bank, index=idx)
+    o, h = fp.fused_add_norm(x, None, torch.ones(D), bank=snap, index=idx)
     _close(rh, h.double(), 1e-5, "snapshot vs live reference")
 
 

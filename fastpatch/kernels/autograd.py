@@ -56,7 +56,7 @@ class TrainableBank(PatchBank):
 
     def __init__(self, patches, hidden_size: Optional[int] = None, *, device=None, dtype=torch.float32):
         super().__init__(patches, hidden_size, device=device, dtype=dtype)
-        self._ranks = [c.rank for c in self.__dict__["_initial"]]
+        self._live = True
 
     @property
     def num_patches(self) -> int:
@@ -65,14 +65,12 @@ class TrainableBank(PatchBank):
     # PatchBank.__init__ assigns these two; here they are views of the live tensors.
     @property
     def canonical_patches(self) -> list:
-        if "_ranks" not in self.__dict__:
+        if "_live" not in self.__dict__:  # inside PatchBank.__init__
             return self._initial
         f = self.float64()
-        out = []
-        for k, (c, r) in enumerate(zip(self._initial, self._ranks)):
-            out.append(CanonicalPatch(f["down"][k, :r].clone(), f["bias"][k, :r].clone(), f["up"][k, :r].clone(),
-                                      f["shift"][k].clone(), gate=c.gate, kind="affine"))
-        return out
+        # every patch at the bank's full rank: rows that were zero padding may have been trained
+        return [CanonicalPatch(f["down"][k].clone(), f["bias"][k].clone(), f["up"][k].clone(), f["shift"][k].clone(),
+                               gate=c.gate, kind="affine") for k, c in enumerate(self._initial)]
 
     @canonical_patches.setter
     def canonical_patches(self, value) -> None:
