@@ -368,7 +368,7 @@ class Governance:
             self.detector.set_band(choice.name, m, band[0], band[1])  # operator's bands win over learnt ones
         alert = self.detector.observe(choice.name, choice.version, choice.arm, metric, value)
         if alert is not None:
-            self.raise_alert(alert)
+            alert = self.raise_alert(alert)  # the stored alert: with its id and the guard that ran
         return alert
 
     def raise_alert(self, alert: dict) -> dict:
