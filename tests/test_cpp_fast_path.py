@@ -171,3 +171,26 @@ def test_kernel_is_built_with_openmp_when_torch_uses_it():
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("torch's CPU parallel backend is not OpenMP here")
     assert cpp.built_with_openmp()
+
+
+def test_leading_dims_take_the_fast_path(no_checked_path):
+    case = make_case(12, 16, torch.bfloat16, kind="mix", gated=True, index_mode="mixed", num_patches=4)
+    x, res, idx = case.x.view(3, 4, 16), case.residual.view(3, 4, 16), case.index.view(3, 4)
+    kw = dict(case.kwargs(), index=idx)
+    fp.fused_add_norm(x, res, case.weight, backend="cpp", **kw)
+    no_checked_path()
+    out, res_out = fp.fused_add_norm(x, res, case.weight, backend="cpp", **kw)
+    assert out.shape == (3, 4, 16)
+    assert_matches_reference(case, out.view(12, 16), res_out.view(12, 16))
+    kw["index"] = case.index  # [rows] is accepted for a 3-D x too
+    out, res_out = fp.fused_add_norm(x, res, case.weight, backend="cpp", **kw)
+    assert_matches_reference(case, out.view(12, 16), res_out.view(12, 16))
+
+
+def test_declined_calls_do_not_rebuild_the_plan():
+    case = make_case(6, 16, torch.float32, kind="steer")
+    call(case)
+    plans = dict(ops._plans)
+    x = case.x.T.contiguous().T  # non-contiguous: the plan declines, the checked path runs
+    fp.fused_add_norm(x, case.residual, case.weight, backend="cpp", **case.kwargs())
+    assert all(ops._plans.get(k) is v for k, v in plans.items())

@@ -115,6 +115,13 @@ _IDX = torch.tensor([0, 1, 1, 0])
     (dict(residual_out=torch.empty(D, 4).T), ValueError, "residual_out must be contiguous"),
     (dict(residual_out="buffer"), TypeError, "residual_out must be a torch.Tensor"),
     (dict(fire_counts=torch.zeros(2, dtype=torch.int64)), TypeError, "fire_counts"),
+    (dict(x=torch.randn(2, 2, D), residual=torch.randn(4, D)), ValueError, "residual shape"),
+    (dict(x=torch.randn(2, 2, D), residual=torch.randn(2, 2, D), out=torch.empty(4, D)), ValueError, "out must match"),
+    (dict(x=torch.randn(2, 2, D), residual=torch.randn(2, 2, D), index=torch.tensor([[0, 1, 1, 0]])), ValueError,
+     "one entry per row"),
+    (dict(x=torch.randn(2, 2, D), residual=torch.randn(2, 2, D), index=torch.tensor([[0, 1], [5, 0]])), ValueError,
+     "index values"),
+    (dict(x=torch.randn(D), residual=torch.randn(D), index=torch.tensor([2])), ValueError, "index values"),
 ])
 def test_bad_call_after_a_good_one_raises_the_same_error(bad, exc, words, backend):
     good = dict(x=torch.randn(4, D), residual=torch.randn(4, D), eps=1e-6, index=_IDX)

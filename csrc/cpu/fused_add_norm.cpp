@@ -812,7 +812,7 @@ bool index_in_range(const at::Tensor& index, int64_t num_patches) {
 // call to call (norm weight and bias, eps, norm kind, offset, the bank's tensors), checked once in
 // Python and held here, so a call passes 6 tensors instead of 18 (pybind11 converts each argument,
 // ~25 ns apiece) and the per-call checks below run in C++. run() answers false for anything it does
-// not take (a non-2-D x, another hidden size, an index that is not 1-D or out of range) and
+// not take (another hidden size, shapes that differ from x's, an index out of range) and
 // fused_add_norm_cpu throws for anything inconsistent, both before any memory is touched; the
 // caller then goes through the fully checked path, which reports the problem or handles it.
 class Plan {
@@ -830,14 +830,36 @@ class Plan {
   bool run(const at::Tensor& x, const std::optional<at::Tensor>& residual,
            const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& fire_counts,
            const at::Tensor& out, const at::Tensor& residual_out, bool check_index) const {
-    if (x.dim() != 2 || x.size(1) != hidden_) return false;
-    if (index.has_value()) {
-      if (index->dim() != 1) return false;
-      if (check_index && !index_in_range(*index, num_patches_)) return false;
+    const int64_t D = hidden_;
+    if (x.dim() < 1 || x.size(-1) != D) return false;
+    if (x.dim() == 2) {  // rows as they come (vLLM's [tokens, hidden]): no views to make
+      if (index.has_value()) {
+        if (index->dim() != 1) return false;
+        if (check_index && !index_in_range(*index, num_patches_)) return false;
+      }
+      fused_add_norm_cpu(x, residual, weight_, bias_, eps_, norm_kind_, weight_offset_, down_, down_bias_,
+                         up_, shift_, gate_dir_, gate_threshold_, gate_mode_, index, fire_counts, out,
+                         residual_out);
+      return true;
     }
-    fused_add_norm_cpu(x, residual, weight_, bias_, eps_, norm_kind_, weight_offset_, down_, down_bias_,
-                       up_, shift_, gate_dir_, gate_threshold_, gate_mode_, index, fire_counts, out,
-                       residual_out);
+    // [..., D]: the public op's shape rules (every tensor shaped like x, index one entry per row as
+    // [rows] or x's leading shape), then the same call on contiguous 2-D views.
+    const auto sizes = x.sizes();
+    for (const at::Tensor* t : {&x, &out, &residual_out}) {
+      if (t->sizes() != sizes || !t->is_contiguous()) return false;
+    }
+    if (residual.has_value() && (residual->sizes() != sizes || !residual->is_contiguous())) return false;
+    std::optional<at::Tensor> res2d, index1d;
+    if (residual.has_value()) res2d = residual->view({-1, D});
+    if (index.has_value()) {
+      if (index->dim() != 1 && index->sizes() != sizes.slice(0, sizes.size() - 1)) return false;
+      if (!index->is_contiguous()) return false;
+      index1d = index->view({-1});
+      if (check_index && !index_in_range(*index1d, num_patches_)) return false;
+    }
+    fused_add_norm_cpu(x.view({-1, D}), res2d, weight_, bias_, eps_, norm_kind_, weight_offset_, down_,
+                       down_bias_, up_, shift_, gate_dir_, gate_threshold_, gate_mode_, index1d, fire_counts,
+                       out.view({-1, D}), residual_out.view({-1, D}));
     return true;
   }
 

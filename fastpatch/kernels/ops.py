@@ -177,6 +177,7 @@ def fused_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
         (out, residual_out), both shaped like x.
     """
     # Fast path (see _Plan): a call whose weight, bias, bank and fire_counts were checked before.
+    plan = None
     # Never while torch.compile traces (the pybind11 kernel is opaque to it; is_compiling() is a
     # constant there, so this whole block drops out of the trace).
     if not _is_compiling():
@@ -184,32 +185,37 @@ def fused_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
             plan = _plans[id(weight), id(bank), id(bias), id(fire_counts), eps, norm, weight_offset, backend,
                           index is None]
         except (KeyError, TypeError):  # TypeError: an unhashable argument, which the checked path names
-            plan = None
-        if (plan is not None and plan.bank() is bank and plan.weight is weight and plan.bias is bias
-                and plan.fire_counts is fire_counts):
+            pass
+        if plan is not None and not (plan.bank() is bank and plan.weight is weight and plan.bias is bias
+                                     and plan.fire_counts is fire_counts):
+            plan = None  # cannot happen while the plan holds its objects; checked, never assumed
+        if plan is not None:
             try:
                 o = torch.empty_like(x) if out is None else out
                 r = torch.empty_like(x) if residual_out is None else residual_out
                 # Plan.run checks every tensor it reads or writes (device, dtype, contiguity, sizes,
                 # index range) before touching memory; what it does not take goes to the checked
-                # path, which raises the error a first call would (or handles e.g. a 3-D x).
+                # path, which raises the error a first call would (or handles e.g. a non-contiguous x).
                 if plan.run(x, residual, index, fire_counts, o, r, config.check_index_values):
                     return o, r
             except (RuntimeError, TypeError, ValueError):
                 pass
+        return _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offset, fire_counts,
+                             out, residual_out, backend, plan is None)
     return _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offset, fire_counts,
-                         out, residual_out, backend)
+                         out, residual_out, backend, False)
 
 
 def _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offset, fire_counts, out,
-                  residual_out, backend):
-    """Every check of check_inputs, then the backend; records a _Plan for the cpp backend."""
+                  residual_out, backend, remember):
+    """Every check of check_inputs, then the backend; with ``remember`` records a _Plan for the cpp
+    backend (not when a plan exists and declined the call: that would rebuild it on every call)."""
     x2d, res2d, w, b, norm_kind, idx = check_inputs(
         x, residual, weight, bias, eps, norm, bank, index, weight_offset, fire_counts)
     out2d = _check_output("out", out, x)
     res_out2d = _check_output("residual_out", residual_out, x)
     impl = backends.resolve(backend, x.device)
-    if impl.__name__ == _CPP_MODULE and not torch.compiler.is_compiling():
+    if remember and impl.__name__ == _CPP_MODULE:
         _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, backend, index is None,
                   x.dtype, x.shape[-1], norm_kind, impl)
     if x2d.shape[0] == 0:
@@ -231,8 +237,8 @@ def _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offs
 #     new bank that gets a dead one's id never finds its plan, and a plan never keeps a bank's
 #     tensors alive. At most _MAX_PLANS plans are kept (then all are dropped: small tensors only);
 #   - x, residual, out, residual_out and index are new on every call and are checked on every call
-#     by the C++ plan before it touches memory: 2-D x of the plan's hidden size, devices, dtypes,
-#     contiguity, sizes, a 1-D index with one entry per row. Anything it does not take re-runs
+#     by the C++ plan before it touches memory: x of the plan's hidden size, every tensor shaped like
+#     x, devices, dtypes, contiguity, an index with one entry per row. Anything it does not take re-runs
 #     through the checked path, so bad input gets exactly the checked path's error;
 #   - index values are range-checked on every call while config.check_index_values is on (a C++
 #     scan, ~0.1 µs), so in-place edits of a reused index buffer are caught as before;
