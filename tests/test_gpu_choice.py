@@ -113,3 +113,11 @@ def test_build_command_reports_why_not(capsys):
     assert cli.main(["build", "--cuda"]) == 1
     text = capsys.readouterr().out
     assert text.startswith("cuda: not built: ") and cuda.environment_problem("cuda") in text
+
+
+def test_build_command_builds_the_cpp_backend(capsys):
+    from fastpatch.app import cli
+
+    assert cli.main(["build", "--cpp"]) == 0
+    assert capsys.readouterr().out.startswith("cpp: built: ready in ")
+    assert backends.load("cpp").is_available("cpu")
