@@ -433,3 +433,24 @@ def test_learnt_band_from_first_window_and_fire_rate():
     assert out[-1] is not None and out[-1]["band_source"] == "first window"
     with pytest.raises(ValueError, match="finite"):
         det.observe("t", "1.0.0", "control", "m", float("nan"))
+
+
+def test_fire_rate_leaving_its_band_alerts(gov, model):
+    """The kernel-counted fire rate (fires / (rows x sites)) is checked at each flush: an ungated patch fires on
+    every row (rate 1), outside a band of [0, 0.5] given for a patch expected to fire on at most half."""
+    gov.publish("tone", "1.0.0", _patches(1))
+    gov.activate("tone", "1.0.0")
+    gov.set_guard("tone", None, bands={"fire_rate": [0.0, 0.5]})
+    gov.detector.window = 2
+    serving = Serving(gov, model, poll_interval=0)
+    alerts = []
+    for _ in range(2):
+        with serving.request("tone", key="u") as s:
+            _logits(model)
+            s.add_rows(PROMPT.shape[1] + NEW - 1)
+        alerts += serving.flush()
+    serving.close()
+    assert len(alerts) == 1
+    a = alerts[0]
+    assert (a["metric"], a["version"], a["arm"], a["window_mean"]) == ("fire_rate", "1.0.0", "all", 1.0)
+    assert gov.show("tone")["rollout"]["stable"] == "1.0.0"  # guard off: alert only
