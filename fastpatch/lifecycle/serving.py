@@ -91,8 +91,11 @@ class Serving:
             self._last_poll = now
             snap = self.gov.sync()
             live = self._live(snap)
-            if not force and self._snap is not None and snap["generation"] == self._snap["generation"] \
-                    and live == sorted(self._slots):
+            if not force and self._snap is not None and live == sorted(self._slots):
+                # Versions are immutable: the same live set means the same banks. Only the snapshot (rollout
+                # weights, policy, expiry) moves, and requests resolve on it from now on.
+                with self._lock:
+                    self._snap = snap
                 return False
             mapping = self._mapping(snap, live)
             with self._lock:
