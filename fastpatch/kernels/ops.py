@@ -175,6 +175,14 @@ def fused_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
 
     Returns:
         (out, residual_out), both shaped like x.
+
+    Calling it in a loop: on CPU (cpp backend) the first call checks everything; later calls with
+    the same ``weight``, ``bias``, ``bank`` and ``fire_counts`` objects (and the same eps, norm,
+    weight_offset, backend) skip those objects' checks and only check the per-call tensors, in C++
+    (about 0.5 µs instead of 10). Keep those objects and pass ``out=x, residual_out=residual`` to
+    update in place as vLLM's kernel does. Values of the kept objects may change between calls;
+    their storage must not be swapped (``.data =``, ``set_``, ``resize_``). Bad input gets the same
+    error either way.
     """
     # Fast path (see _Plan): a call whose weight, bias, bank and fire_counts were checked before.
     plan = None
@@ -217,7 +225,7 @@ def _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offs
     impl = backends.resolve(backend, x.device)
     if remember and impl.__name__ == _CPP_MODULE:
         _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, backend, index is None,
-                  x.dtype, x.shape[-1], norm_kind, impl)
+                  x.shape[-1], norm_kind, impl)
     if x2d.shape[0] == 0:
         return (torch.empty_like(x) if out is None else out), (torch.empty_like(x) if residual_out is None else residual_out)
     o, r = impl.run(x2d, res2d, w, b, float(eps), norm_kind, float(weight_offset), bank, idx, fire_counts,
@@ -261,8 +269,8 @@ class _Plan:
     __slots__ = ("bank", "weight", "bias", "fire_counts", "run", "__weakref__")
 
 
-def _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, backend, index_is_none, dtype,
-              hidden, norm_kind, impl):
+def _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, backend, index_is_none, hidden,
+              norm_kind, impl):
     if w is not weight or b is not bias:
         return  # non-contiguous weight/bias: check_inputs copies them, every call (keep the checked path)
     key = (id(weight), id(bank), id(bias), id(fire_counts), eps, norm, weight_offset, backend, index_is_none)
