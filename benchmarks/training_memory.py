@@ -265,7 +265,9 @@ def main(argv=None) -> int:
         shape = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "vocab", "tokens",
                                                "threads", "repeats")}
         (out.with_suffix(".json")).write_text(json.dumps({"shape": shape, "rows": rows}, indent=1))
-        lines = [f"# Training memory, {date}", "", f"Llama {shape}, fp32, CPU, one forward + backward.", "",
+        lines = [f"# Training memory, {date}", "", f"Llama {shape}, fp32, CPU, one forward + backward.",
+                 "The memory columns are what this measures; fwd+bwd ms on a shared machine follows its load "
+                 "(see loadavg): compare times with --op-timing's paired ratios instead.", "",
                  "| variant | saved for backward MiB | peak RSS increase MiB | fwd+bwd ms | layers recomputed "
                  "| loadavg |", "| --- | ---: | ---: | ---: | ---: | --- |"]
         for r in rows:

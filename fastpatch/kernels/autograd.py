@@ -147,7 +147,11 @@ def needs_grad(x2d, residual2d, weight, bias, bank) -> bool:
 
 
 def _rows(index, N: int, P: int, gate, h):
-    """(k, m): each row's patch (int64 [N], 0 where none) and its gate mask (fp32 [N], 1 = applied)."""
+    """(k, m): each row's patch (int64 [N], 0 where none) and its gate mask (fp32 [N], 1 = applied);
+    (None, None) when one patch applies to every row (no index, no gate: the common training case,
+    which then needs no gathers and no masks)."""
+    if index is None and gate is None and P == 1:
+        return None, None
     if index is None:
         k = torch.zeros(N, dtype=torch.long, device=h.device)
         fires = None
@@ -175,6 +179,18 @@ def _rows(index, N: int, P: int, gate, h):
 def _acc(dtype):
     """The accumulation dtype: fp32 as the kernels use (float64 only for gradcheck through the reference)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _masked(t, m):
+    """Rows of ``t`` times the gate mask ``m`` (None: every row applied)."""
+    return t if m is None else t * m.unsqueeze(1)
+
+
+def _shift_rows(shift, k, m):
+    """Each row's shift, gated: [D] (broadcast) when one patch applies to every row, else [N, D]."""
+    if k is None:
+        return shift[0]
+    return shift[k] * m.unsqueeze(1)
 
 
 def _block(z, k, P: int):
@@ -216,16 +232,19 @@ class _FusedAddPatchNorm(torch.autograd.Function):
         if residual is not None:
             h = h + residual.to(acc)
         k, m = _rows(index, N, P, gate, h)
-        delta = shift.to(acc)[k] * m.unsqueeze(1)
+        hp = h + _shift_rows(shift.to(acc), k, m)
         z = None
         if R:
             zf = torch.addmm(lbias.to(acc).reshape(1, P * R), h, down.to(acc).reshape(P * R, D).t())
             z = _unblock(zf, k, P)
-            delta += _block(z * m.unsqueeze(1), k, P) @ up.to(acc).reshape(P * R, D)
-        h1 = (h + delta).to(x.dtype)
+            hp = torch.addmm(hp, _block(_masked(z, m), k, P), up.to(acc).reshape(P * R, D))
+        h1 = hp.to(x.dtype)
         out, _ = run(h1, None, weight, nbias, eps, norm_kind, offset, None, None, None, None, h1)
         if fire_counts is not None:
-            fire_counts.index_add_(0, k, m.to(fire_counts.dtype))
+            if k is None:
+                fire_counts.add_(N)
+            else:
+                fire_counts.index_add_(0, k, m.to(fire_counts.dtype))
         ctx.save_for_backward(h1.clone(), weight, z, k, m, down, up, shift)
         ctx.bank = (P, R)
         return out, h1
@@ -268,26 +287,27 @@ class _FusedAddPatchNorm(torch.autograd.Function):
         if ctx.bank is not None:
             P, R = ctx.bank
             z, k, m, down, up, shift = saved[2:]
-            m1 = m.unsqueeze(1)
             if need[7]:
-                dshift = torch.zeros(P, D, dtype=acc, device=y.device).index_add_(0, k, dh * m1)
+                if k is None:
+                    dshift = dh.sum(0, keepdim=True)
+                else:
+                    dshift = torch.zeros(P, D, dtype=acc, device=y.device).index_add_(0, k, _masked(dh, m))
                 dshift = dshift.to(shift.dtype)
             if R:
                 up2 = up.to(acc).reshape(P * R, D)
                 down2 = down.to(acc).reshape(P * R, D)
-                dz = _unblock(dh @ up2.t(), k, P) * m1  # dL/dz per row (its own patch), gated
+                dz = _masked(_unblock(dh @ up2.t(), k, P), m)  # dL/dz per row (its own patch), gated
                 dzb = _block(dz, k, P)
                 if need[5]:
                     dlb = dzb.sum(0).view(P, R).to(up.dtype)
+                zb = _block(_masked(z, m), k, P) if (need[4] or need[6]) else None
                 if need[6]:
-                    zb = _block(z * m1, k, P)
                     dup = (zb.t() @ dh).view(P, R, D).to(up.dtype)
                 if need[4]:
                     # h before the patch, recovered from h' (h = h' − m·(z·up + shift)): no N·D saved for it
-                    zb = _block(z * m1, k, P)
-                    hpre = y - zb @ up2 - shift.to(acc)[k] * m1
+                    hpre = torch.addmm(y - _shift_rows(shift.to(acc), k, m), zb, up2, alpha=-1)
                     ddown = (dzb.t() @ hpre).view(P, R, D).to(down.dtype)
-                dh = dh + dzb @ down2
+                dh = torch.addmm(dh, dzb, down2)
         dx = dh.to(xdtype) if (need[0] or need[1]) else None
         return (dx if need[0] else None, dx if (has_res and need[1]) else None, dw, dnb,
                 ddown, dlb, dup, dshift, None, None, None, None, None, None, None)
