@@ -1,7 +1,6 @@
 """``fastpatch.apply`` / ``fastpatch.patched``: fuse patches into a Hugging Face model."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Optional
 
 from ...kernels import backends
@@ -63,11 +62,7 @@ def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Opti
     return handle
 
 
-@contextmanager
-def patched(model, patches: dict, **kwargs):
-    """``with fastpatch.patched(model, patches) as handle: ...``: apply, then remove on exit."""
-    handle = apply(model, patches, **kwargs)
-    try:
-        yield handle
-    finally:
-        handle.remove()
+def patched(model, patches: dict, **kwargs) -> Handle:
+    """``with fastpatch.patched(model, patches) as handle: ...``: apply, then remove on exit (the handle
+    is its own context manager)."""
+    return apply(model, patches, **kwargs)

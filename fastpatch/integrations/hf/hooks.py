@@ -194,13 +194,9 @@ def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Opti
     return handle
 
 
-@contextmanager
-def patched(model, patches: dict, **kwargs):
-    handle = apply(model, patches, **kwargs)
-    try:
-        yield handle
-    finally:
-        handle.remove()
+def patched(model, patches: dict, **kwargs) -> HooksHandle:
+    """``with fastpatch.hooks.patched(model, patches) as handle: ...``: apply, then remove on exit."""
+    return apply(model, patches, **kwargs)
 
 
 @contextmanager
