@@ -144,7 +144,7 @@ def test_two_processes_share_one_store(tmp_path):
         t.start()
     reader = SQLiteStore(root)
     seen_generations = [reader.generation()]
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30  # bounded: a loaded machine gets fewer publishes, not a hang
     while time.monotonic() < deadline and sum(1 for l in lines for x in l if x[:2] == ["ACK", "publish"]) < 30:
         seen_generations.append(reader.generation())  # a third process-like reader polls while they write
         time.sleep(0.01)
@@ -158,7 +158,7 @@ def test_two_processes_share_one_store(tmp_path):
     by_writer = [sum(1 for x in l if x[:2] == ["ACK", "publish"]) for l in lines]
     assert min(by_writer) > 0, by_writer  # both really wrote
     n = _check_consistent(root, acked)
-    assert n >= 30
+    assert n >= sum(by_writer) >= 2
     assert seen_generations == sorted(seen_generations) and seen_generations[-1] > seen_generations[0]
     versions = [v["version"] for v in reader.list_versions("shared")]
     assert versions == [f"{i}.0.0" for i in range(1, len(versions) + 1)]  # no gap, no duplicate
