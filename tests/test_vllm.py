@@ -28,10 +28,22 @@ def setup(tmp_path_factory):
     # Vanilla first (its outputs only), then the patched engine for the rest of the module.
     vanilla = engine(folder)
     vanilla_out = vanilla.generate(PROMPTS, [sampling() for _ in PROMPTS], use_tqdm=False)
-    del vanilla
+    runner = vanilla.llm_engine.model_executor.driver_worker.worker.model_runner
+    untouched = dict(state=getattr(runner, "_fastpatch", None), prepare="_prepare_inputs" in vars(runner),
+                     norms=[n for n, m in runner.model.named_modules() if hasattr(m, "_fastpatch_site")],
+                     front=vars(vanilla.llm_engine.input_processor).get("_fastpatch_front"))
+    del vanilla, runner
     gc.collect()
     llm = engine(folder, {"patches": files})
-    return dict(folder=folder, hf=hf, tok=tok, files=files, llm=llm, vanilla=vanilla_out)
+    return dict(folder=folder, hf=hf, tok=tok, files=files, llm=llm, vanilla=vanilla_out, untouched=untouched)
+
+
+def test_without_a_fastpatch_section_nothing_is_changed(setup):
+    """The plugin is loaded in every engine; one started without additional_config['fastpatch'] keeps
+    vLLM's own norms and step preparation (and the front end has no fastpatch state)."""
+    assert setup["untouched"] == dict(state=None, prepare=False, norms=[], front=None)
+    runner = setup["llm"].llm_engine.model_executor.driver_worker.worker.model_runner
+    assert runner._fastpatch is not None and "_prepare_inputs" in vars(runner)
 
 
 @pytest.fixture(scope="module")
