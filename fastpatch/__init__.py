@@ -6,6 +6,7 @@ from .core.algebra import compose
 from .core.bank import PatchBank, as_bank
 from .core.patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LoReFT, LowRank, Patch, Steer
 from .core.scope import Scope, Scoped
+from .kernels.autograd import TrainableBank
 from .kernels.ops import config, fused_add_norm
 from .files.fingerprint import fingerprint
 from .files.patch_file import ModelMismatchError, PatchFileError, load, save
@@ -16,7 +17,7 @@ from .core.version import __version__
 
 __all__ = [
     "Ablate", "CanonicalPatch", "Clamp", "Gate", "Gated", "LoReFT", "LowRank", "Patch", "PatchBank",
-    "Scope", "Scoped", "Steer", "as_bank", "config", "fused_add_norm", "reference",
+    "Scope", "Scoped", "Steer", "TrainableBank", "as_bank", "config", "fused_add_norm", "reference",
     "Handle", "apply", "patched", "cast", "hooks",
     "compose", "fingerprint", "save", "load", "PatchFileError", "ModelMismatchError", "export_gguf", "import_gguf",
     "evaluate", "fit", "Registry",
