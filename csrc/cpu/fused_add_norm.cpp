@@ -3,12 +3,13 @@
 // through csrc/patch_math.h, the same helpers the CUDA kernels use.
 //
 // Per row (D elements, fp32 maths whatever the storage dtype):
-//   unpatched row: x + residual -> round to x dtype -> residual_out, fp32 copy in a row buffer,
-//                  norm statistics accumulated on the way (one pass over the inputs);
-//   patched row:   x + residual -> row buffer, gate statistics on the way; then if the gate fires
-//                  z = h·downᵀ + bias (R dots over the buffer) and h + z·up + shift is rounded,
-//                  stored and accumulated (second pass, over the L1-resident buffer);
-//   then out = norm(rounded row)·(weight + offset) (+ bias) from the buffer.
+//   unpatched row: x + residual -> round to x dtype -> residual_out, norm statistics accumulated on
+//                  the way (one pass over the inputs);
+//   patched row:   x + residual -> fp32 row buffer, gate statistics on the way; then if the gate
+//                  fires z = h·downᵀ + bias (R dots over the buffer) and h + z·up + shift is
+//                  rounded, stored to residual_out and accumulated (second pass, over the buffer);
+//   then out = norm(residual_out row)·(weight + offset) (+ bias), reading the row back from
+//   residual_out (it was just written: cache-resident; exactly the rounded values).
 // Inputs of a row are read in full before its outputs are written, and every row only touches
 // its own slice, so out/residual_out may alias x/residual.
 
@@ -287,7 +288,7 @@ inline int64_t patch_of_row(const Problem& p, int64_t row) {
 // Unpatched row: residual_out = round(x + residual), buf = that in fp32, with Σ and Σ² for the norm.
 // With a shift (an ungated rank-0 patch: a steer) h + shift goes the same single pass.
 template <typename T, typename B, bool kResidual, bool kShift>
-inline void add_round_store(const T* x, const T* res, const B* shift, T* res_out, float* buf,
+inline void add_round_store(const T* x, const T* res, const B* shift, T* res_out,
                             int64_t D, float& sum, float& sumsq) {
   Vec s(0.f), q(0.f);
   for_each_chunk(D, [&](auto chunk, int64_t j) {
@@ -297,7 +298,6 @@ inline void add_round_store(const T* x, const T* res, const B* shift, T* res_out
     if constexpr (kResidual) h = h + load<C>(res + j, n);
     if constexpr (kShift) h = h + load<C>(shift + j, n);
     const Vec r = store_rounded<C>(res_out + j, h, n);
-    store_f32<C>(buf + j, r, n);
     s = s + r;
     q = at::vec::fmadd(r, r, q);
   });
@@ -366,7 +366,7 @@ inline void down_project(const float* buf, const B* down, const B* bias, int64_t
 // rounded into residual_out and back into buf, with Σ and Σ² for the norm. With R == 0 and no
 // shift this is the "gate did not fire" pass.
 template <typename T, typename B>
-inline void finish_patched(float* buf, const float* z, const B* up, int64_t R, const B* shift,
+inline void finish_patched(const float* buf, const float* z, const B* up, int64_t R, const B* shift,
                            T* res_out, int64_t D, float& sum, float& sumsq) {
   Vec s(0.f), q(0.f);
   for_each_chunk(D, [&](auto chunk, int64_t j) {
@@ -376,7 +376,6 @@ inline void finish_patched(float* buf, const float* z, const B* up, int64_t R, c
     if (shift != nullptr) h = h + load<C>(shift + j, n);
     for (int64_t r = 0; r < R; ++r) h = at::vec::fmadd(Vec(z[r]), load<C>(up + r * D + j, n), h);
     const Vec rounded = store_rounded<C>(res_out + j, h, n);
-    store_f32<C>(buf + j, rounded, n);
     s = s + rounded;
     q = at::vec::fmadd(rounded, rounded, q);
   });
@@ -385,28 +384,29 @@ inline void finish_patched(float* buf, const float* z, const B* up, int64_t R, c
 }
 
 // Σ(buf − mean)² for LayerNorm: the two-pass form, which keeps its precision when |mean| ≫ std.
-inline float centred_sumsq(const float* buf, float mean, int64_t D) {
+template <typename T>
+inline float centred_sumsq(const T* row, float mean, int64_t D) {
   Vec q(0.f);
   const Vec m(mean);
-  int64_t j = 0;
-  for (; j + kLanes <= D; j += kLanes) {
-    const Vec d = Vec::loadu(buf + j) - m;
+  for_each_chunk(D, [&](auto chunk, int64_t j) {
+    using C = decltype(chunk);
+    const int64_t n = D - j;
+    Vec d = load<C>(row + j, n) - m;
+    if constexpr (!C::value) d = Vec::set(Vec(0.f), d, n);  // zero-filled lanes would add mean² each
     q = at::vec::fmadd(d, d, q);
-  }
-  float tail = 0.f;  // scalar: zero-filled lanes would otherwise add mean² each
-  for (; j < D; ++j) tail += (buf[j] - mean) * (buf[j] - mean);
-  return hsum(q) + tail;
+  });
+  return hsum(q);
 }
 
-// out = (buf − mean)·inv·(weight + offset) (+ bias), rounded to T.
+// out = (row − mean)·inv·(weight + offset) (+ bias), rounded to T.
 template <typename T, typename W, bool kWeight, bool kBias>
-inline void write_normed(const float* buf, const W* weight, const W* bias, float offset,
+inline void write_normed(const T* row, const W* weight, const W* bias, float offset,
                          float mean, float inv, T* out, int64_t D) {
   const Vec m(mean), s(inv), off(offset), unit_scale(inv * (1.f + offset));
   for_each_chunk(D, [&](auto chunk, int64_t j) {
     using C = decltype(chunk);
     const int64_t n = D - j;
-    const Vec centred = load<C>(buf + j, n) - m;
+    const Vec centred = load<C>(row + j, n) - m;
     Vec y;
     if constexpr (kWeight) y = centred * s * (load<C>(weight + j, n) + off);
     else y = centred * unit_scale;
@@ -416,14 +416,14 @@ inline void write_normed(const float* buf, const W* weight, const W* bias, float
 }
 
 template <typename T, typename W>
-inline void write_normed_any(const Problem& p, const float* buf, float mean, float inv, T* out) {
+inline void write_normed_any(const Problem& p, const T* row, float mean, float inv, T* out) {
   const W* w = static_cast<const W*>(p.weight);
   const W* b = static_cast<const W*>(p.norm_bias);
   const int64_t D = p.hidden;
-  if (w && b) write_normed<T, W, true, true>(buf, w, b, p.weight_offset, mean, inv, out, D);
-  else if (w) write_normed<T, W, true, false>(buf, w, b, p.weight_offset, mean, inv, out, D);
-  else if (b) write_normed<T, W, false, true>(buf, w, b, p.weight_offset, mean, inv, out, D);
-  else write_normed<T, W, false, false>(buf, w, b, p.weight_offset, mean, inv, out, D);
+  if (w && b) write_normed<T, W, true, true>(row, w, b, p.weight_offset, mean, inv, out, D);
+  else if (w) write_normed<T, W, true, false>(row, w, b, p.weight_offset, mean, inv, out, D);
+  else if (b) write_normed<T, W, false, true>(row, w, b, p.weight_offset, mean, inv, out, D);
+  else write_normed<T, W, false, false>(row, w, b, p.weight_offset, mean, inv, out, D);
 }
 
 // Low-rank patches over a block of NB rows that use the same patch: each down/up chunk is loaded
@@ -448,7 +448,7 @@ inline void down_project_block(float* const* bufs, const B* down, const B* bias,
 }
 
 template <typename T, typename B, int NB>
-inline void finish_block(float* const* bufs, const float* z, const B* up, int64_t R, const B* shift,
+inline void finish_block(const float* const* bufs, const float* z, const B* up, int64_t R, const B* shift,
                          T* const* res_outs, int64_t D, float* sums, float* sumsqs) {
   Vec s[NB], q[NB];
   for (int b = 0; b < NB; ++b) s[b] = q[b] = Vec(0.f);
@@ -464,7 +464,6 @@ inline void finish_block(float* const* bufs, const float* z, const B* up, int64_
     }
     for (int b = 0; b < NB; ++b) {
       const Vec rounded = store_rounded<C>(res_outs[b] + j, h[b], n);
-      store_f32<C>(bufs[b] + j, rounded, n);
       s[b] = s[b] + rounded;
       q[b] = at::vec::fmadd(rounded, rounded, q[b]);
     }
@@ -492,16 +491,19 @@ struct Scratch {
 };
 
 template <typename T, typename W>
-inline void normalize_row(const Problem& p, int64_t row, const float* buf, float sum, float sumsq) {
+inline void normalize_row(const Problem& p, int64_t row, float sum, float sumsq) {
+  // The row as stored in residual_out (already rounded to T): the norm reads it back from there
+  // rather than from an fp32 copy, one store less per element (the pass is store-bound).
+  const T* src = static_cast<const T*>(p.residual_out) + row * p.hidden;
   const int64_t D = p.hidden;
   float mean = 0.f, inv;
   if (p.norm_kind == kNormLayer) {
     mean = sum / static_cast<float>(D);
-    inv = layer_inv(centred_sumsq(buf, mean, D), static_cast<int>(D), p.eps);
+    inv = layer_inv(centred_sumsq(src, mean, D), static_cast<int>(D), p.eps);
   } else {
     inv = rms_inv(sumsq, static_cast<int>(D), p.eps);
   }
-  write_normed_any<T, W>(p, buf, mean, inv, static_cast<T*>(p.out) + row * D);
+  write_normed_any<T, W>(p, src, mean, inv, static_cast<T*>(p.out) + row * D);
 }
 
 template <typename T, typename B, typename W, int NB>
@@ -520,7 +522,7 @@ void lowrank_block(const Problem& p, int64_t k, const int64_t* rows, float* cons
   float sums[NB], sumsqs[NB];
   for (int b = 0; b < NB; ++b) res_outs[b] = static_cast<T*>(p.residual_out) + rows[b] * D;
   finish_block<T, B, NB>(bufs, z, up, R, shift, res_outs, D, sums, sumsqs);
-  for (int b = 0; b < NB; ++b) normalize_row<T, W>(p, rows[b], bufs[b], sums[b], sumsqs[b]);
+  for (int b = 0; b < NB; ++b) normalize_row<T, W>(p, rows[b], sums[b], sumsqs[b]);
 }
 
 // Rows [begin, end) in blocks of kBlockRows. Within a block every row is added (and gated) into its
@@ -543,8 +545,8 @@ void process_rows(const Problem& p, int64_t begin, int64_t end, Scratch& scratch
       float sum = 0.f, sumsq = 0.f;  // of the rounded residual_out row
       const int64_t k = patch_of_row(p, row);
       if (k < 0) {
-        add_round_store<T, B, kResidual, false>(x, res, nullptr, res_out, buf, D, sum, sumsq);
-        normalize_row<T, W>(p, row, buf, sum, sumsq);
+        add_round_store<T, B, kResidual, false>(x, res, nullptr, res_out, D, sum, sumsq);
+        normalize_row<T, W>(p, row, sum, sumsq);
         continue;
       }
       const int mode = p.gate_dir ? p.gate_mode[k] : kGateNone;
@@ -553,11 +555,11 @@ void process_rows(const Problem& p, int64_t begin, int64_t end, Scratch& scratch
         if (p.fire_counts) __atomic_fetch_add(p.fire_counts + k, 1, __ATOMIC_RELAXED);
         if (p.shift) {
           const B* shift = static_cast<const B*>(p.shift) + k * D;
-          add_round_store<T, B, kResidual, true>(x, res, shift, res_out, buf, D, sum, sumsq);
+          add_round_store<T, B, kResidual, true>(x, res, shift, res_out, D, sum, sumsq);
         } else {
-          add_round_store<T, B, kResidual, false>(x, res, nullptr, res_out, buf, D, sum, sumsq);
+          add_round_store<T, B, kResidual, false>(x, res, nullptr, res_out, D, sum, sumsq);
         }
-        normalize_row<T, W>(p, row, buf, sum, sumsq);
+        normalize_row<T, W>(p, row, sum, sumsq);
         continue;
       }
       float proj = 0.f, h_sumsq = 0.f;
@@ -578,7 +580,7 @@ void process_rows(const Problem& p, int64_t begin, int64_t end, Scratch& scratch
       const B* shift = (fires && p.shift) ? static_cast<const B*>(p.shift) + k * D : nullptr;
       finish_patched<T, B>(buf, nullptr, static_cast<const B*>(nullptr), 0, shift, res_out, D, sum,
                            sumsq);
-      normalize_row<T, W>(p, row, buf, sum, sumsq);
+      normalize_row<T, W>(p, row, sum, sumsq);
     }
     // Low-rank rows, grouped by patch.
     bool done[kBlockRows] = {};
