@@ -11,7 +11,8 @@ import gc
 import pytest
 import torch
 
-from test_vllm_common import (MAX_TOKENS, PROMPTS, TOL, engine, hf_greedy, kind_patches, sampling, smollm2_folder,
+from test_vllm_common import (one_torch_thread,  # noqa: F401 (autouse fixture)
+                              MAX_TOKENS, PROMPTS, TOL, engine, hf_greedy, kind_patches, sampling, smollm2_folder,
                               tokens_and_logprobs, vllm_or_skip, write_files)
 
 KINDS = list(kind_patches(576))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastpatch
+from test_vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
 from test_vllm_common import MAX_TOKENS, TOL, engine, hf_greedy, vllm_or_skip, write_files
 
 ARCHS = [pytest.param("qwen3"), pytest.param("mistral", marks=pytest.mark.slow),

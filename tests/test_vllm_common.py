@@ -24,6 +24,18 @@ MAX_TOKENS = 5
 PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time, in a small village,"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """vLLM's CPU worker wants one torch thread per worker ("Reducing Torch threads ... for serving") but cannot
+    set it after its thread binding; on a shared 2-core machine two OpenMP threads spinning at each barrier made
+    a decode step ~9x slower (1.15 s vs 0.13 s for SmolLM2 batch 1, load ~6). Imported by each vLLM test module;
+    the previous thread count comes back after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def vllm_or_skip():
     try:
         import vllm  # noqa: F401
