@@ -32,6 +32,15 @@ def run_suite(json_path: Path, pytest_args: list[str]) -> int:
     return subprocess.call(cmd, cwd=HERE.parent)
 
 
+def strip_rounds(json_path: Path) -> None:
+    """Drop the per-round timings pytest-benchmark stores (MBs per run); the summary statistics stay,
+    which is all the table and --benchmark-compare read."""
+    data = json.loads(json_path.read_text())
+    for b in data["benchmarks"]:
+        b["stats"].pop("data", None)
+    json_path.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def _group_key(group: str):
     shape, dtype, threads = group.split()
     n, d = shape.split("x")
@@ -111,6 +120,7 @@ def main(argv=None) -> int:
             print(f"pytest exited with {rc}", file=sys.stderr)
             if not args.json.exists():
                 return rc
+        strip_rounds(args.json)
     if args.json is None:
         ap.error("give a JSON file or --run")
     md = render(json.loads(args.json.read_text()), args.stat)
