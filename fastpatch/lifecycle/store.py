@@ -155,12 +155,22 @@ class SQLiteStore(Store):
         self._all: list = []
         self._all_lock = threading.Lock()
         conn = self._conn()
-        conn.executescript(_SCHEMA)
-        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', 0)")
-        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        (schema,) = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        schema = self._schema_version(conn)
+        if schema is None:  # a new store (opening an existing one writes nothing: no wait on busy writers)
+            conn.executescript(_SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', 0)")
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            schema = self._schema_version(conn)
         if schema != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {schema}, this fastpatch reads {SCHEMA_VERSION}")
+
+    @staticmethod
+    def _schema_version(conn) -> Optional[int]:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.OperationalError:  # no meta table yet
+            return None
+        return None if row is None else int(row[0])
 
     # -- connections ----------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -170,7 +180,9 @@ class SQLiteStore(Store):
             conn = sqlite3.connect(str(self.path), timeout=self._timeout, isolation_level=None,
                                    check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode.lower() != "wal":  # switching needs a lock: only a new store does it
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreError(f"{self.path}: could not switch to WAL mode (got {mode!r})")
             conn.execute("PRAGMA synchronous=FULL")  # a returned write survives a crash or power loss
