@@ -29,6 +29,10 @@ def setup(tmp_path_factory):
     # Vanilla first (its outputs only), then the patched engine for the rest of the module.
     vanilla = engine(folder)
     vanilla_out = vanilla.generate(PROMPTS, [sampling() for _ in PROMPTS], use_tqdm=False)
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="started without additional_config"):
+        vanilla.generate(PROMPTS[:1], [sampling("steer")], use_tqdm=False)
     runner = vanilla.llm_engine.model_executor.driver_worker.worker.model_runner
     untouched = dict(state=getattr(runner, "_fastpatch", None), prepare="_prepare_inputs" in vars(runner),
                      norms=[n for n, m in runner.model.named_modules() if hasattr(m, "_fastpatch_site")],

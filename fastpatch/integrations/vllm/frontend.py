@@ -64,11 +64,19 @@ def front_of(processor) -> Optional[FrontEnd]:
 
 
 def wrap_process_inputs(vanilla):
-    """InputProcessor.process_inputs with the fastpatch check (a pass-through without a fastpatch section)."""
+    """InputProcessor.process_inputs with the fastpatch check. Without a fastpatch section it passes every
+    request through unchanged, except one that names a patch: that one is refused, never run unpatched."""
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         front = front_of(self)
         if front is None:
+            extra = getattr(params, "extra_args", None)
+            if extra and cfg.KEY in extra:  # it would run unpatched without a word: refuse it instead
+                from vllm.exceptions import VLLMValidationError
+
+                raise VLLMValidationError(
+                    f"fastpatch: the request names patch {extra[cfg.KEY]!r}, but this engine was started without "
+                    "additional_config['fastpatch']", parameter=cfg.KEY, value=extra[cfg.KEY])
             return vanilla(self, request_id, prompt, params, *args, **kwargs)
         salt = front.check(params)
         request = vanilla(self, request_id, prompt, params, *args, **kwargs)
