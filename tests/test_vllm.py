@@ -25,7 +25,13 @@ def setup(tmp_path_factory):
 
     folder = smollm2_folder()
     hf, tok = load_smollm2()
-    files = write_files(tmp_path_factory.mktemp("vllm_patches"), hf, kind_patches(hf.config.hidden_size))
+    folder_p = tmp_path_factory.mktemp("vllm_patches")
+    files = write_files(folder_p, hf, kind_patches(hf.config.hidden_size))
+    import fastpatch
+
+    # A llama.cpp control vector holding the same direction as the "steer" patch file.
+    steer = kind_patches(hf.config.hidden_size)["steer"]
+    files["gguf"] = str(fastpatch.export_gguf(steer, folder_p / "steer.gguf", model_hint="llama"))
     # Vanilla first (its outputs only), then the patched engine for the rest of the module.
     vanilla = engine(folder)
     vanilla_out = vanilla.generate(PROMPTS, [sampling() for _ in PROMPTS], use_tqdm=False)
@@ -55,8 +61,8 @@ def test_without_a_fastpatch_section_nothing_is_changed(setup):
 def mixed(setup):
     """One batch: every patch kind on prompt 0, plus every prompt unpatched."""
     llm = setup["llm"]
-    names = KINDS + [None] * len(PROMPTS)
-    prompts = [PROMPTS[0]] * len(KINDS) + PROMPTS
+    names = KINDS + ["gguf"] + [None] * len(PROMPTS)
+    prompts = [PROMPTS[0]] * (len(KINDS) + 1) + PROMPTS
     outs = llm.generate(prompts, [sampling(n) for n in names], use_tqdm=False)
     return {(p, n): o for p, n, o in zip(prompts, names, outs)}
 
@@ -70,6 +76,13 @@ def test_every_kind_matches_hf(setup, mixed, name):
     assert max(abs(a - b) for a, b in zip(lps, ref_lps)) <= TOL
     plain_toks, plain_lps = tokens_and_logprobs(mixed[(PROMPTS[0], None)])
     assert lps != plain_lps, "the patch must change something (else the comparison proves nothing)"
+
+
+def test_gguf_control_vector_equals_the_same_steer(mixed):
+    toks, lps = tokens_and_logprobs(mixed[(PROMPTS[0], "gguf")])
+    s_toks, s_lps = tokens_and_logprobs(mixed[(PROMPTS[0], "steer")])
+    assert toks == s_toks
+    assert max(abs(a - b) for a, b in zip(lps, s_lps)) <= 1e-5
 
 
 def test_steer_matches_a_plain_hook(setup, mixed):
