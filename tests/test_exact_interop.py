@@ -40,24 +40,42 @@ def need(name: str):
         pytest.skip(f"{name} is not usable here ({type(exc).__name__}: {exc}); see scripts/install.sh")
 
 
-_CHILD = "FASTPATCH_TEST_NNSIGHT_CHILD"
+_CHILD = "FASTPATCH_TEST_INTEROP_CHILD"
+_CHILD_RESULTS: dict = {}
 
 
-def nnsight_in_a_child(request) -> bool:
-    """Importing nnsight 0.8 changes the whole process (it gives every object a ``save`` attribute and
-    replaces ``torch.Tensor.backward`` with one that parses its caller's source): later tests in the same
-    process then fail (vLLM's worker-extension check, backward from exec'd code). So each nnsight test
-    re-runs itself in a child pytest and the parent only reports the child's result."""
+def in_a_child(request) -> bool:
+    """Importing nnsight 0.8 (pyvene imports it too) changes the whole process: every object gets a
+    ``save`` attribute and ``torch.Tensor.backward`` is replaced by one that parses its caller's source,
+    so later tests in the same process fail (vLLM's worker-extension check, backward from exec'd code).
+    The pyvene and nnsight tests therefore run together in one child pytest; in the parent each test
+    reports its own outcome from the child's junit XML."""
     if os.environ.get(_CHILD) == "1":
         return False
-    if importlib.util.find_spec("nnsight") is None:
-        pytest.skip("nnsight is not installed; see scripts/install.sh")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
-                          cwd=root, env=dict(os.environ, **{_CHILD: "1"}), capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"the child run of {request.node.nodeid} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
+    if not _CHILD_RESULTS:
+        import tempfile
+        import xml.etree.ElementTree as ET
+
+        root = Path(__file__).resolve().parents[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            xml = Path(tmp) / "child.xml"
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                 "-k", "pyvene or nnsight", f"--junitxml={xml}"],
+                cwd=root, env=dict(os.environ, **{_CHILD: "1"}), capture_output=True, text=True, timeout=900)
+            if not xml.exists():
+                pytest.fail(f"the child pytest wrote no report:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
+            for case in ET.parse(xml).iter("testcase"):
+                bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+                skipped = case.find("skipped")
+                _CHILD_RESULTS[case.get("name")] = (
+                    ("failed", (bad.get("message") or "") + "\n" + (bad.text or "")[-3000:]) if bad is not None
+                    else ("skipped", skipped.get("message") or "") if skipped is not None else ("passed", ""))
+    outcome, detail = _CHILD_RESULTS.get(request.node.name, ("missing", "the child did not run this test"))
+    if outcome == "skipped":
+        pytest.skip(detail)
+    if outcome != "passed":
+        pytest.fail(f"{request.node.name} in the child pytest: {outcome}\n{detail}")
     return True
 
 
@@ -154,7 +172,9 @@ def test_fastpatch_after_repeng_is_refused_with_a_reason():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_pyvene_on_a_patched_model_and_fastpatch_under_pyvene(mode):
+def test_pyvene_on_a_patched_model_and_fastpatch_under_pyvene(mode, request):
+    if in_a_child(request):
+        return
     pv = need("pyvene")
     model = tiny_model("llama")
     x = ids()
@@ -188,7 +208,7 @@ def test_pyvene_on_a_patched_model_and_fastpatch_under_pyvene(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_nnsight_wrapping_a_patched_model(mode, request):
-    if nnsight_in_a_child(request):
+    if in_a_child(request):
         return
     nnsight = need("nnsight")
     model = tiny_model("llama")
@@ -216,7 +236,7 @@ def test_nnsight_wrapping_a_patched_model(mode, request):
 
 
 def test_fastpatch_under_an_existing_nnsight_wrapper(request):
-    if nnsight_in_a_child(request):
+    if in_a_child(request):
         return
     nnsight = need("nnsight")
     model = tiny_model("llama")
@@ -240,9 +260,11 @@ def test_fastpatch_under_an_existing_nnsight_wrapper(request):
     close(got, ref, "fastpatch hooks under nnsight")
 
 
-def test_pyvene_keeps_select_and_scopes_working():
+def test_pyvene_keeps_select_and_scopes_working(request):
     """pyvene strips all hooks of the model before each call; fastpatch's per-forward step does not
     live in a hook, so per-sequence select and scoped patches still apply under pyvene."""
+    if in_a_child(request):
+        return
     pv = need("pyvene")
     model = tiny_model("llama")
     x = ids()
