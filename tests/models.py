@@ -52,11 +52,18 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, dtype=torch.float32, seed: int = 0):
+def tiny_model(arch: str, dtype=torch.float32, seed: int = 0, num_layers: int = 2):
     """A tiny causal LM (BertModel for "bert") with random weights, eval mode, eager attention."""
     import transformers as tf
 
     cfg = tiny_config(arch)
+    if num_layers != 2:
+        if arch == "gpt2":
+            cfg.n_layer = num_layers
+        else:
+            cfg.num_hidden_layers = num_layers
+            if getattr(cfg, "layer_types", None) is not None:
+                cfg.layer_types = (list(cfg.layer_types) * num_layers)[:num_layers]
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     if arch == "bert":

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastpatch as fp
-from models import ARCHS, FAST_ARCHS, tiny_config
+from models import ARCHS, FAST_ARCHS, tiny_model
 from surgery_util import assert_close
 
 ALL = ARCHS + ("bert",)
@@ -24,30 +24,8 @@ MODES = ("no_grad", "inference_mode", "autograd")
 
 
 def three_layer_model(arch: str, dtype=torch.float32):
-    """Like tests/models.tiny_model, with 3 layers so there is a middle one."""
-    import transformers as tf
-
-    cfg = tiny_config(arch)
-    if arch == "gpt2":
-        cfg.n_layer = 3
-    else:
-        cfg.num_hidden_layers = 3
-        if hasattr(cfg, "layer_types") and cfg.layer_types is not None:
-            cfg.layer_types = (list(cfg.layer_types) * 3)[:3]
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    if arch == "bert":
-        model = tf.BertModel(cfg)
-    elif arch == "gemma3":
-        model = tf.Gemma3ForCausalLM(cfg)
-    else:
-        model = tf.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.to(dtype).eval()
+    """tests/models.tiny_model with 3 layers, so there is a middle one."""
+    return tiny_model(arch, dtype, num_layers=3)
 
 
 def decoder_layers(model):
