@@ -18,38 +18,79 @@ See docs/vllm.md.
 """
 from __future__ import annotations
 
+from .compat import TESTED_RANGE, FastpatchStartError
 from .config import KEY, FastpatchConfigError, PluginConfig, parse
 from .model import SUPPORTED, UnsupportedModelError
 from .slots import PatchSlotError
 from .worker import WorkerExtension
 
-__all__ = ["KEY", "FastpatchConfigError", "PatchSlotError", "PluginConfig", "SUPPORTED", "UnsupportedModelError",
-           "WorkerExtension", "load_patch", "parse", "register", "unload_patch"]
+__all__ = ["KEY", "FastpatchConfigError", "FastpatchStartError", "PatchSlotError", "PluginConfig", "SUPPORTED", "UnsupportedModelError",
+           "TESTED_RANGE", "WorkerExtension", "load_patch", "parse", "register", "unload_patch"]
+
+
+# Where register() hooks in. A vLLM release that moves one of these must never leave an engine that
+# declares patches serving requests unpatched: what could not be hooked is recorded in _PROBLEMS, and an
+# engine with a fastpatch section refuses to start (check_start, attach, _checked_worker_load).
+_RUNNERS = {"cpu": ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
+            "gpu": ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner")}
+_CONFIG = ("vllm.config", "VllmConfig")
+_INPUT_PROCESSOR = ("vllm.v1.engine.input_processor", "InputProcessor")
+_WORKER = ("vllm.v1.worker.gpu_worker", "Worker")  # the CPU worker subclasses it
+_PROBLEMS: dict = {}  # "module.Class.method" -> why it could not be wrapped (in this process)
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point (idempotent: vLLM may call it more than once)."""
-    from vllm.v1.engine.input_processor import InputProcessor
+    """The ``vllm.general_plugins`` entry point (idempotent: vLLM may call it more than once).
 
+    Never raises: vLLM calls it unguarded for every engine, and an engine without a fastpatch section
+    must keep working on any vLLM. What cannot be hooked is logged and recorded; engines that declare
+    patches then refuse to start, naming it."""
+    from .compat import check_version
+
+    check_version()
+    _hook(_CONFIG, "__post_init__", _wrap_config_post_init)
+    _hook(_INPUT_PROCESSOR, "__init__", _wrap_input_processor_init)
     from .frontend import wrap_process_inputs
 
-    if not getattr(InputProcessor.process_inputs, "_fastpatch_wrapped", False):
-        InputProcessor.process_inputs = wrap_process_inputs(InputProcessor.process_inputs)
-    _wrap_runner("vllm.v1.worker.gpu_model_runner", "GPUModelRunner")
-    _wrap_runner("vllm.v1.worker.cpu_model_runner", "CPUModelRunner")
+    _hook(_INPUT_PROCESSOR, "process_inputs", wrap_process_inputs)
+    _hook(_WORKER, "load_model", _wrap_worker_load_model)
+    for module, cls_name in _RUNNERS.values():
+        _hook((module, cls_name), "load_model", _wrap_runner_load_model)
+
+
+def _hook(where, method: str, wrap) -> None:
+    """Replace ``module.Class.method`` by ``wrap(original)`` once; record (and log) why it cannot be."""
+    import importlib
+    import logging
+
+    module, cls_name = where
+    name = f"{module}.{cls_name}.{method}"
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+        vanilla = cls.__dict__.get(method)
+        if vanilla is None:
+            raise AttributeError(f"{cls_name} defines no {method}")
+    except Exception as exc:  # noqa: BLE001 - any failure here means "this vLLM is laid out differently"
+        _PROBLEMS[name] = f"{type(exc).__name__}: {exc}"
+        logging.getLogger("fastpatch.vllm").warning(
+            "fastpatch: cannot hook %s (%s); an engine with additional_config['fastpatch'] will refuse to start",
+            name, _PROBLEMS[name])
+        return
+    _PROBLEMS.pop(name, None)
+    if getattr(vanilla, "_fastpatch_wrapped", False):
+        return
+    wrapped = wrap(vanilla)
+    wrapped._fastpatch_wrapped = True
+    wrapped.__wrapped__ = vanilla
+    setattr(cls, method, wrapped)
 
 
 def _wrap_runner(module: str, cls_name: str) -> None:
-    import importlib
+    """Wrap one model runner's ``load_model`` (kept for callers of the old helper)."""
+    _hook((module, cls_name), "load_model", _wrap_runner_load_model)
 
-    try:
-        cls = getattr(importlib.import_module(module), cls_name)
-    except Exception:  # a vLLM build without this runner (e.g. no CPU runner): nothing to wrap
-        return
-    vanilla = cls.__dict__.get("load_model")
-    if vanilla is None or getattr(vanilla, "_fastpatch_wrapped", False):
-        return
 
+def _wrap_runner_load_model(vanilla):
     def load_model(self, *args, **kwargs):
         result = vanilla(self, *args, **kwargs)
         from .worker import attach
@@ -57,9 +98,108 @@ def _wrap_runner(module: str, cls_name: str) -> None:
         attach(self)
         return result
 
-    load_model._fastpatch_wrapped = True
-    load_model.__wrapped__ = vanilla
-    cls.load_model = load_model
+    return load_model
+
+
+def _wrap_worker_load_model(vanilla):
+    """The worker's load_model: the net under the runner's. If the runner that actually ran is one
+    fastpatch did not wrap (a new runner class, Model Runner V2, a moved load_model), nothing attached:
+    stop here rather than serve."""
+
+    def load_model(self, *args, **kwargs):
+        result = vanilla(self, *args, **kwargs)
+        _checked_worker_load(self)
+        return result
+
+    return load_model
+
+
+def _checked_worker_load(worker) -> None:
+    from . import config as cfg
+    from .compat import refuse
+
+    runner = getattr(worker, "model_runner", None)
+    vllm_config = getattr(worker, "vllm_config", None) or getattr(runner, "vllm_config", None)
+    if cfg.section(getattr(vllm_config, "additional_config", None)) is None:
+        return
+    if getattr(runner, "_fastpatch", None) is None:
+        kind = type(runner)
+        raise refuse(f"the model runner {kind.__module__}.{kind.__qualname__} loaded the model but fastpatch did "
+                     "not attach to it (its load_model is not the one fastpatch wraps: "
+                     f"{_RUNNERS['cpu'][0]}.{_RUNNERS['cpu'][1]} / {_RUNNERS['gpu'][0]}.{_RUNNERS['gpu'][1]})")
+
+
+def _wrap_config_post_init(vanilla):
+    """VllmConfig.__post_init__: the earliest point that sees an engine's additional_config, in the
+    process that starts the engine, before any worker process exists."""
+
+    def __post_init__(self, *args, **kwargs):
+        result = vanilla(self, *args, **kwargs)
+        check_start(self)
+        return result
+
+    return __post_init__
+
+
+def _wrap_input_processor_init(vanilla):
+    """InputProcessor.__init__: the front end's own start (before LLMEngine/AsyncLLM start the engine
+    core); the same check as VllmConfig's, for a vLLM where that hook is missing."""
+
+    def __init__(self, vllm_config, *args, **kwargs):
+        check_start(vllm_config)
+        return vanilla(self, vllm_config, *args, **kwargs)
+
+    return __init__
+
+
+def check_start(vllm_config) -> None:
+    """Refuse (FastpatchStartError) an engine that declares patches when this vLLM lacks a piece the
+    plugin needs: the front end's request check, or a model runner whose load_model fastpatch wrapped.
+    A pass-through for an engine without a fastpatch section."""
+    from . import config as cfg
+    from .compat import refuse
+
+    if cfg.section(getattr(vllm_config, "additional_config", None)) is None:
+        return
+    front = [n for n in _PROBLEMS if n.startswith(_INPUT_PROCESSOR[0])]
+    if front:
+        raise refuse("the front end's request check cannot be installed (" +
+                     "; ".join(f"{n}: {_PROBLEMS[n]}" for n in front) + ")")
+    problem = runner_problem(vllm_config)
+    if problem is not None:
+        raise refuse(problem)
+
+
+def runner_problem(vllm_config):
+    """Why the model runner this engine will use would not get fastpatch's load_model, or None."""
+    import importlib
+
+    try:
+        v2 = bool(getattr(vllm_config, "use_v2_model_runner", False))
+    except Exception:  # noqa: BLE001 - vLLM raises its own error for a bad config later
+        v2 = False
+    if v2:
+        return ("this engine would run vLLM's Model Runner V2 (vllm.v1.worker.gpu.model_runner / cpu.model_runner), "
+                "which the plugin does not attach to; set VLLM_USE_V2_MODEL_RUNNER=0 to use the V1 runner")
+    try:
+        from vllm.platforms import current_platform
+
+        kind = "cpu" if current_platform.is_cpu() else "gpu"
+    except Exception as exc:  # noqa: BLE001
+        return f"vllm.platforms.current_platform cannot be read ({type(exc).__name__}: {exc})"
+    module, cls_name = _RUNNERS[kind]
+    name = f"{module}.{cls_name}.load_model"
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except Exception as exc:  # noqa: BLE001
+        return f"the model runner {module}.{cls_name} cannot be found ({type(exc).__name__}: {exc})"
+    method = getattr(cls, "load_model", None)
+    if method is None:
+        return f"the model runner {module}.{cls_name} has no load_model"
+    if not getattr(method, "_fastpatch_wrapped", False):
+        why = _PROBLEMS.get(name, "it is not fastpatch's wrapper")
+        return f"{name} could not be wrapped ({why})"
+    return None
 
 
 def _engine(llm):

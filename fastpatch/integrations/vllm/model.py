@@ -115,5 +115,12 @@ def _patch_norm(norm, key, bank, index, impl, mode, weight_offset) -> None:
         summed = summed.view_as(x)
         return (out.view_as(x) if fused else vanilla(summed)), summed
 
+    forward._fastpatch_site = key  # what attach()'s start-up check looks for on every site's norm
     norm.forward = types.MethodType(forward, norm)
     norm._fastpatch_site = key
+
+
+def installed_site(norm):
+    """The site key whose patched forward ``norm`` runs, or None (no fastpatch forward on it)."""
+    fwd = norm.__dict__.get("forward")
+    return getattr(getattr(fwd, "__func__", None), "_fastpatch_site", None)

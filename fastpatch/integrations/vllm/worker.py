@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from . import config as cfg
+from ...core.sites import site_name
 from .checkpoint import model_fingerprint
-from .model import decoder, install
+from .compat import refuse
+from .model import decoder, install, installed_site, norm_for
 from .slots import SlotTable, file_digest, read_patches
 
 logger = logging.getLogger("fastpatch.vllm")
@@ -44,6 +46,8 @@ class WorkerState:
         self.host_np = self.host.numpy()
         self.filled = 0  # entries past this are -1 already
         self.sites = install(model, self.table.banks, self.index, mode=conf.norm, backend=conf.backend)
+        check_installed(model, self.table.banks)
+        self_test(model, self.table.banks, self.index, conf.norm)
         self.req_slots: dict = {}
         self.runner = runner
         logger.info("fastpatch: %d patch(es) %s in %d slots at %d site(s), norm=%s", len(declared),
@@ -98,11 +102,101 @@ class WorkerState:
         return slot
 
 
+def _where(model, norm, key) -> str:
+    names = {id(m): n for n, m in model.named_modules()}
+    return f"site {site_name(key)} (module {names.get(id(norm), '?')}, {type(norm).__name__})"
+
+
+def check_installed(model, banks: dict) -> None:
+    """Every site with a bank must run fastpatch's forward on its norm, else the engine does not start
+    (an install that attached nowhere would serve every patched request unpatched)."""
+    layers, final_norm, _ = decoder(model)
+    for key in sorted(banks):
+        norm = norm_for(layers, final_norm, key)
+        if installed_site(norm) != key:
+            raise refuse(f"the patched norm is not installed at {_where(model, norm, key)}")
+
+
+# Start-up self-test tolerances: max |error| <= TOL * (1 + max |reference|). A kernel that drops or
+# misapplies the patch is off by the known patch's size (~1), far above these.
+_SELF_TEST_TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+_ROW_FIELDS = ("down", "up", "bias", "shift", "gate_dir", "gate_threshold", "gate_mode")
+
+
+@torch.no_grad()  # vLLM's norm weight is a Parameter: no graph for the self-test's arithmetic
+def self_test(model, banks: dict, index: torch.Tensor, mode: str) -> float:
+    """Run one patched norm on two rows (a known patch in one slot, no patch) and compare with the float64
+    reference (fastpatch.core.reference). The slot's bank row and the index entries are restored afterwards
+    (in a finally). Returns the max error; raises FastpatchStartError when it is above tolerance."""
+    from ...core.bank import PatchBank
+    from ...core.patches import CanonicalPatch
+    from ...core.reference import fused_add_norm
+    from .slots import _write_row
+
+    layers, final_norm, offset = decoder(model)
+    key = sorted(banks)[0]
+    bank = banks[key]
+    norm = norm_for(layers, final_norm, key)
+    d, rank = bank.hidden_size, bank.down.shape[1]
+    slot = bank.num_patches - 1  # the last slot: a spare one when the engine has spares
+    t = torch.linspace(-1.0, 1.0, d, dtype=torch.float64)
+    r = 1 if rank else 0
+    down = torch.sin(5 * t)[None, :].expand(r, d) / torch.sin(5 * t).norm()
+    # Only the parts this bank's compiled-in arguments carry: a bank built without shifts has its shift
+    # argument switched off in the kernel, so a shift there would be a false alarm.
+    shift = 1.5 * torch.cos(3 * t) if bank.has_shift else torch.zeros(d, dtype=torch.float64)
+    known = CanonicalPatch(down.contiguous(), torch.full((r,), 0.25, dtype=torch.float64),
+                           (0.8 * torch.sin(7 * t))[None, :].expand(r, d).contiguous(), shift)
+    if not r and not bank.has_shift:
+        logger.warning("fastpatch: %s has neither a shift nor a low-rank part; the start-up self-test only "
+                       "checked that its patched forward is installed", site_name(key))
+        return 0.0
+    w = norm.weight
+    n = 2
+    x = (torch.sin(torch.arange(n * d, dtype=torch.float64) * 0.37).view(n, d) * 2).to(w.device, w.dtype)
+    res = None if key[0] == "pre" else torch.cos(torch.arange(n * d, dtype=torch.float64) * 0.11).view(n, d).to(
+        w.device, w.dtype)
+    ref_out, ref_h = fused_add_norm(x, res, w, eps=float(norm.variance_epsilon), norm="rms",
+                                    bank=PatchBank([known], d), index=torch.tensor([0, -1]),
+                                    weight_offset=offset, exact=True)
+    saved_row = {f: getattr(bank, f)[slot].clone() for f in _ROW_FIELDS}
+    saved_canon = bank.canonical_patches[slot]
+    saved_index = index[:n].clone()
+    try:
+        _write_row(bank, slot, known)
+        index[:n] = torch.tensor([slot, -1], dtype=index.dtype, device=index.device)
+        xin = x.clone()
+        if res is None:  # layer 0's input norm: the patched embeddings are written back into x
+            out = norm.forward(xin)
+            summed = xin
+        else:
+            out, summed = norm.forward(xin, res.clone())
+    finally:
+        for f, v in saved_row.items():
+            getattr(bank, f)[slot].copy_(v)
+        bank.canonical_patches[slot] = saved_canon
+        index[:n].copy_(saved_index)
+    err = max(float((summed.double().cpu() - ref_h).abs().max()), float((out.double().cpu() - ref_out).abs().max()))
+    tol = _SELF_TEST_TOL.get(w.dtype, 4e-2) * (1.0 + float(ref_out.abs().max()) + float(ref_h.abs().max()))
+    if not err <= tol:  # also catches NaN
+        raise refuse(f"the patched norm at {_where(model, norm, key)} failed its start-up self-test (norm={mode!r}): "
+                     f"max |error| {err:.3g} against fastpatch.core.reference for a known patch in slot {slot}, "
+                     f"tolerance {tol:.3g}")
+    logger.info("fastpatch: start-up self-test at %s passed (max |error| %.3g)", site_name(key), err)
+    return err
+
+
 def attach(runner) -> Optional[WorkerState]:
     """Attach fastpatch to a loaded model runner if the engine's additional_config asks for it."""
     raw = cfg.section(runner.vllm_config.additional_config)
     if raw is None or getattr(runner, "_fastpatch", None) is not None:
         return None
+    from . import _INPUT_PROCESSOR, _PROBLEMS
+
+    front = [n for n in _PROBLEMS if n.startswith(_INPUT_PROCESSOR[0])]
+    if front:  # the front end cannot check names or salt the cache: the engine core refuses instead
+        raise refuse("the front end's request check cannot be installed (" +
+                     "; ".join(f"{n}: {_PROBLEMS[n]}" for n in front) + ")")
     conf = cfg.parse(raw)
     state = WorkerState(runner, conf)
     vanilla_prepare = runner._prepare_inputs
