@@ -145,9 +145,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert len(lines) == 10 and all(" carol " in l for l in lines)
     assert run("alerts")[1] == "(no alerts)\n"
     code, out = run("publish", "tone", "bad", "--patch", f"p={f1}")
-    assert code == 1 and "semantic version" in out
+    assert code == 2 and "semantic version" in out
     code, out = run("publish", "../x", "2.0.0", "--patch", f"p={f1}")
-    assert code == 1 and "no '/' or '..'" in out
+    assert code == 2 and "no '/' or '..'" in out
     code, out = run("metrics")
     assert "fastpatch_registry_generation 10" in out
     assert len(run("audit")[1].strip().splitlines()) == 10  # the refused publishes changed nothing

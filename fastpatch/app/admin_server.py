@@ -9,8 +9,13 @@ generation requests run together on one model). Every route needs a bearer token
 - ``admin`` : everything, including changes; every change is audited with the token's actor.
 
 No token or an unknown one → 401; a read token on a change → 403. Errors are JSON ``{"error": ...}``:
-400 bad input (bad semver, bad name, policy violation, bad patch file, unknown label), 404 unknown set or
-version, 409 conflict (version exists / not newer), 413 body too large.
+400 bad input (bad semver, bad name, policy violation, bad patch file, unknown label, a body shorter than
+its ``Content-Length``), 404 unknown set or version, 408 a declared body that did not arrive within
+``read_timeout`` seconds, 409 conflict (version exists / not newer), 413 body too large, 503 a version
+this server cannot serve (its patch file is missing or corrupted; never served unpatched). A request is
+executed only once its whole body has arrived; every socket read waits at most ``read_timeout`` seconds
+(default 10), so a silent client never holds a server thread for long (an idle keep-alive connection is
+closed after that time too).
 
 Routes (``{name}`` is a patch set):
 
@@ -50,11 +55,13 @@ import torch
 from ..files.patch_file import PatchFileError
 from ..lifecycle.governance import Choice, Governance, check_name
 from ..lifecycle.policy import PolicyViolation
+from ..lifecycle.serving import Unavailable
 from ..lifecycle.store import Conflict
 from ..lifecycle.telemetry import prometheus
 
 ROLES = ("read", "admin")
 MAX_BODY = 96 << 20
+READ_TIMEOUT_S = 10.0
 
 
 class HTTPError(Exception):
@@ -76,12 +83,18 @@ def load_tokens(path) -> dict:
 
 
 class AdminServer:
-    """``AdminServer(gov, tokens, serving=None, tokenizer=None).start()`` → (host, port); ``stop()``."""
+    """``AdminServer(gov, tokens, serving=None, tokenizer=None).start()`` → (host, port); ``stop()``.
+
+    ``read_timeout``: seconds any one read from a client socket may wait (request line, headers, body)
+    before the request is dropped (408 when a declared body stops arriving) and the connection closed."""
 
     def __init__(self, gov: Governance, tokens: dict, *, serving=None, tokenizer=None,
-                 max_body: int = MAX_BODY):
+                 max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT_S):
         self.gov, self.tokens, self.serving, self.tokenizer = gov, dict(tokens), serving, tokenizer
         self.max_body = int(max_body)
+        if not (isinstance(read_timeout, (int, float)) and 0 < read_timeout < float("inf")):
+            raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout!r}")
+        self.read_timeout = float(read_timeout)
         self._httpd: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -91,6 +104,7 @@ class AdminServer:
 
         class Handler(_Handler):
             app = server
+            timeout = server.read_timeout  # StreamRequestHandler.setup: socket timeout of every read
 
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
@@ -101,7 +115,12 @@ class AdminServer:
 
     def serve_forever(self, host: str = "127.0.0.1", port: int = 8080) -> None:
         self.start(host, port)
-        self._thread.join()
+        self.join()
+
+    def join(self) -> None:
+        """Wait until the server stops (after :meth:`start`)."""
+        if self._thread is not None:
+            self._thread.join()
 
     def stop(self) -> None:
         if self._httpd is not None:
@@ -136,7 +155,8 @@ class AdminServer:
                 self.serving.flush()
             return prometheus(self.gov.store.telemetry(), alerts=len(self.gov.alerts()),
                               generation=self.gov.store.generation(),
-                              active=self.serving.active() if self.serving is not None else None)
+                              active=self.serving.active() if self.serving is not None else None,
+                              unavailable=self.serving.unavailable() if self.serving is not None else None)
         raise HTTPError(404, f"no route GET {path}")
 
     def post(self, path: str, body: dict, who: dict):
@@ -271,20 +291,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
     def _dispatch(self, method: str) -> None:
         url = urlparse(self.path)
+        close_after = self.close_connection  # as parse_request set it from the version and Connection header
+        if method == "POST":
+            self.close_connection = True  # until the whole body is read: unread bytes must not become a request
         try:
             who = self.app.who(self.headers.get("Authorization"))
             if method == "GET":
                 result = self.app.get(url.path, parse_qs(url.query), who)
             else:
-                n = int(self.headers.get("Content-Length") or 0)
-                if n > self.app.max_body:
-                    raise HTTPError(413, f"body of {n} bytes is over the limit of {self.app.max_body}")
-                raw = self.rfile.read(n) if n else b"{}"
+                raw = self._body()
+                self.close_connection = close_after
                 try:
                     body = json.loads(raw or b"{}")
                 except ValueError:
@@ -302,12 +325,45 @@ class _Handler(BaseHTTPRequestHandler):
                        {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
         except Conflict as exc:
             self._send(409, {"error": str(exc)})
+        except Unavailable as exc:
+            self._send(503, {"error": str(exc)})
         except KeyError as exc:
             self._send(404, {"error": exc.args[0] if exc.args else str(exc)})
         except (ValueError, TypeError, PatchFileError, PolicyViolation) as exc:
             self._send(400, {"error": str(exc)})
         except Exception as exc:  # a server bug: report it, keep serving
             self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+    def _body(self) -> bytes:
+        """The whole declared body, or an HTTPError: nothing is executed on a partial body."""
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            raise HTTPError(411, "send the body with a Content-Length (chunked transfer encoding is not accepted)")
+        try:
+            n = int(length) if length is not None else 0
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise HTTPError(400, f"Content-Length must be a whole number of bytes, got {length!r}")
+        if n > self.app.max_body:
+            raise HTTPError(413, f"body of {n} bytes is over the limit of {self.app.max_body}")
+        if n == 0:
+            return b"{}"
+        chunks, got = [], 0
+        try:
+            while got < n:
+                chunk = self.rfile.read1(n - got)
+                if not chunk:
+                    break  # the client closed its side
+                chunks.append(chunk)
+                got += len(chunk)
+        except TimeoutError:
+            raise HTTPError(408, f"the body stopped arriving: {got} of the {n} bytes of Content-Length came "
+                                 f"within {self.app.read_timeout:g} s; nothing was done, send the whole body") from None
+        if got < n:
+            raise HTTPError(400, f"truncated body: {got} of the {n} bytes of Content-Length arrived before the "
+                                 "client closed the connection; nothing was done, send the whole body")
+        return b"".join(chunks)
 
     def do_GET(self):
         self._dispatch("GET")

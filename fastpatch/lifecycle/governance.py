@@ -361,11 +361,15 @@ class Governance:
 
     # -- monitoring -----------------------------------------------------------------------------
     def observe(self, choice: Choice, metric: str, value: float) -> Optional[dict]:
-        """Feed one observation to the anomaly detector; on an alert, store it and run the guard."""
-        snap = self._snap or self.sync()
+        """Feed one observation to the anomaly detector; on an alert, store it and run the guard.
+
+        The set's bands are read from the current snapshot (``sync``: one generation read, a reload only when
+        the store changed), so a guard set after traffic began applies from the next window on."""
+        snap = self.sync()
         s = snap["sets"].get(choice.name, {})
-        for m, band in ro.normalise(s.get("rollout")).get("bands", {}).items():
-            self.detector.set_band(choice.name, m, band[0], band[1])  # operator's bands win over learnt ones
+        # The operator's bands (set_guard, in the store) win over learnt ones; a removed band stops applying.
+        self.detector.replace_bands(choice.name, {m: (b[0], b[1]) for m, b in
+                                                  ro.normalise(s.get("rollout")).get("bands", {}).items()})
         alert = self.detector.observe(choice.name, choice.version, choice.arm, metric, value)
         if alert is not None:
             alert = self.raise_alert(alert)  # the stored alert: with its id and the guard that ran

@@ -12,6 +12,12 @@ handle's mapping for its thread (``handle.pinned()``) and chooses its slot with 
 both under the lock the swap takes. So concurrent requests with different patches run together (the
 choice travels with the thread, not the handle), and every forward of a request (prompt and each
 decode step) runs the version it reports, whatever swaps land meanwhile.
+
+A live version whose patch files cannot be read back (a blob missing or corrupted: its content hash
+differs, or the file is no longer a valid patch file) does not stop the others: it gets no slot, an alert
+(``kind="unavailable"``, stored and audited with actor ``serving``) names it and the reason once per
+process, and every request that resolves to it raises :class:`Unavailable`: it is never served
+unpatched. Each refresh tries such versions again, so restoring the blob brings them back.
 """
 from __future__ import annotations
 
@@ -25,11 +31,17 @@ import torch
 
 from ..core.bank import PatchBank
 from ..core.patches import Steer
+from ..files.patch_file import PatchFileError
 from . import rollout as ro
 from .governance import Choice, Governance
 from .policy import is_expired
 from .registry import _hidden_size
+from .store import StoreError
 from .telemetry import FIRE_RATE, Monitor
+
+
+class Unavailable(RuntimeError):
+    """A request resolved to a version this process cannot serve (its patch files are unreadable)."""
 
 
 @dataclass
@@ -63,6 +75,9 @@ class Serving:
         self._handle = None
         self._snap: Optional[dict] = None
         self._slots: dict = {}  # (set, version, patch) -> slot id in the current plan
+        self._live_keys: list = []  # every live (set, version, patch) of the current plan, served or broken
+        self._broken: dict = {}  # (set, version) -> why its patch files cannot be loaded
+        self._alerted: set = set()  # (set, version, reason) already alerted by this process
         self._sites: list = []
         self._lock = threading.Lock()  # swap + (pin, slot table) of a request
         self._refresh_lock = threading.Lock()
@@ -91,13 +106,15 @@ class Serving:
             self._last_poll = now
             snap = self.gov.sync()
             live = self._live(snap)
-            if not force and self._snap is not None and live == sorted(self._slots):
+            if not force and self._snap is not None and live == self._live_keys and not self._retry_broken(snap):
                 # Versions are immutable: the same live set means the same banks. Only the snapshot (rollout
                 # weights, policy, expiry) moves, and requests resolve on it from now on.
                 with self._lock:
                     self._snap = snap
                 return False
-            mapping = self._mapping(snap, live)
+            broken = self._load_all(snap, live)
+            servable = [k for k in live if (k[0], k[1]) not in broken]
+            mapping = self._mapping(snap, servable)
             with self._lock:
                 if mapping is None:
                     pass  # nothing to serve and nothing was ever patched: the model runs as it is
@@ -109,10 +126,52 @@ class Serving:
                 else:
                     self._handle.swap(mapping)
                 self._snap = snap
-                self._slots = {k: i for i, k in enumerate(live)}
+                self._slots = {k: i for i, k in enumerate(servable)}
+                self._live_keys = live
+                self._broken = broken
                 if self._handle is not None:
-                    self._fires.append([live, self._handle.fire_counts(), {}])
+                    self._fires.append([servable, self._handle.fire_counts(), {}])
+            self._alert_broken(broken)
             return True
+
+    def _load_all(self, snap: dict, live: list) -> dict:
+        """Load every live version's patches; {(set, version): reason} for those that cannot be loaded."""
+        broken = {}
+        for name, version in sorted({(n, v) for n, v, _p in live}):
+            rec = snap["sets"][name]["versions"][version]
+            try:
+                self.gov._load_record(rec)
+            except (StoreError, PatchFileError, OSError) as exc:
+                broken[(name, version)] = " ".join(str(exc).split())
+        return broken
+
+    def _retry_broken(self, snap: dict) -> bool:
+        """True when a version that could not be loaded loads now (e.g. its blob was restored)."""
+        for (name, version) in list(self._broken):
+            rec = snap["sets"].get(name, {}).get("versions", {}).get(version)
+            if rec is None:
+                return True
+            try:
+                self.gov._load_record(rec)
+            except (StoreError, PatchFileError, OSError):
+                continue
+            return True
+        return False
+
+    def _alert_broken(self, broken: dict) -> None:
+        for (name, version), why in sorted(broken.items()):
+            if (name, version, why) in self._alerted:
+                continue
+            self._alerted.add((name, version, why))
+            self.gov.store.add_alert({
+                "kind": "unavailable", "name": name, "version": version, "arm": "all", "metric": "patch_files",
+                "actor": "serving", "ts": self.gov.clock(),
+                "error": f"{name}@{version} is not served: {why}; requests for it are refused. Restore the "
+                         "blob (this server retries on every refresh) or roll out a new version"})
+
+    def unavailable(self) -> dict:
+        """{(set, version): reason} of the live versions this process cannot serve."""
+        return dict(self._broken)
 
     def _mapping(self, snap: dict, live: list) -> Optional[dict]:
         patches = {}
@@ -139,6 +198,10 @@ class Serving:
         with self._lock:
             snap, handle = self._snap, self._handle
             choice = self.gov.resolve(name, key=key, labels=labels, patch=patch, snapshot=snap)
+            if choice.version is not None and (name, choice.version) in self._broken:
+                raise Unavailable(f"{name}@{choice.version} ({choice.arm}) cannot be served by this process: "
+                                  f"{self._broken[(name, choice.version)]}. The request was refused rather than "
+                                  "served unpatched; restore the blob or roll out another version")
             slot = self._slots[(name, choice.version, choice.patch)] if choice.version else -1
             pin = handle.pinned() if handle is not None else None
             use = handle.using(torch.tensor([slot])) if handle is not None and handle.engine.plan.entries \

@@ -40,6 +40,10 @@ class StoreError(RuntimeError):
     """The store refused a change (conflict, unknown name) or found itself inconsistent."""
 
 
+class StoreNotFound(StoreError):
+    """``SQLiteStore(dir, create=False)`` on a directory that holds no store."""
+
+
 class Conflict(StoreError):
     """A change that contradicts the stored state (version exists, not newer, unknown set)."""
 
@@ -141,11 +145,17 @@ class SQLiteStore(Store):
     """``SQLiteStore(directory)``: ``directory/registry.db`` (WAL) and ``directory/blobs/``.
 
     Safe to share between threads (one connection per thread) and between processes on one machine
-    (SQLite's file locks; writers wait up to ``busy_timeout_s``).
+    (SQLite's file locks; writers wait up to ``busy_timeout_s``). ``create=False`` opens an existing store
+    only: a directory without ``registry.db`` raises :class:`StoreNotFound` and nothing is created.
     """
 
-    def __init__(self, directory, *, busy_timeout_s: float = 30.0):
+    def __init__(self, directory, *, busy_timeout_s: float = 30.0, create: bool = True):
         self.root = Path(directory)
+        if not create and not (self.root / "registry.db").is_file():
+            why = "does not exist" if not self.root.exists() else (
+                "is not a directory" if not self.root.is_dir() else "holds no registry store (no registry.db)")
+            raise StoreNotFound(f"{self.root} {why}; check the store path (a store is created by publishing "
+                                "into it)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.blobs = self.root / "blobs" / "sha256"
         self.blobs.mkdir(parents=True, exist_ok=True)

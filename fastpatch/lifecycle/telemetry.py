@@ -8,7 +8,8 @@ A serving process keeps them in memory and :meth:`Monitor.drain` hands the incre
 Anomaly detection (:class:`Detector`): observations of one (set, arm, metric) are taken in windows of
 ``window`` values; the window mean must stay inside the band. The band is given (from validation:
 ``{"metric": [lo, hi]}``) or, if not, learnt from the first full window of that (set, arm, metric):
-mean ± k·sd/√window (the spread of a window mean), at least ±``min_half_width``. The fire rate
+mean ± k·sd/√window (the spread of a window mean), at least ±``min_half_width``. A given band always wins
+over a learnt one, whenever it is given (before or after traffic), and is checked from the next window on. The fire rate
 (fires / (rows x sites)) is one more metric, ``fire_rate``, observed once per telemetry flush.
 """
 from __future__ import annotations
@@ -63,7 +64,9 @@ class Detector:
         self.window, self.k, self.min_half_width, self.clock = int(window), float(k), float(min_half_width), clock
         self._lock = threading.Lock()
         self._values: dict = defaultdict(list)
-        self._bands: dict = {}  # (name, arm, metric) -> (lo, hi, source)
+        self._bands: dict = {}  # given: (name, arm or None, metric) -> (lo, hi, source)
+        self._learnt: dict = {}  # learnt from a first window: (name, arm, metric) -> (lo, hi, "first window")
+        self._from_store: dict = {}  # name -> the metrics whose (name, None, metric) band came from replace_bands
 
     def set_band(self, name: str, metric: str, lo: float, hi: float, *, arm: Optional[str] = None,
                  source: str = "validation") -> None:
@@ -72,9 +75,30 @@ class Detector:
         with self._lock:
             self._bands[(name, arm, metric)] = (float(lo), float(hi), source)
 
-    def band(self, name: str, arm: str, metric: str) -> Optional[tuple]:
+    def replace_bands(self, name: str, bands: dict, *, source: str = "validation") -> None:
+        """The set's bands as the store holds them (``set_guard``): replaces those given this way before, so
+        a band removed from the store stops applying too. Bands given with :meth:`set_band` stay."""
+        new = {}
+        for metric, (lo, hi) in bands.items():
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise ValueError(f"band for {metric!r} must be finite with lo <= hi, got [{lo}, {hi}]")
+            new[metric] = (float(lo), float(hi), source)
         with self._lock:
-            return self._bands.get((name, arm, metric)) or self._bands.get((name, None, metric))
+            for metric in self._from_store.pop(name, set()) - set(new):
+                self._bands.pop((name, None, metric), None)
+            for metric, band in new.items():
+                self._bands[(name, None, metric)] = band
+            self._from_store[name] = set(new)
+
+    def _band(self, name: str, arm: str, metric: str) -> Optional[tuple]:
+        return (self._bands.get((name, arm, metric)) or self._bands.get((name, None, metric))
+                or self._learnt.get((name, arm, metric)))
+
+    def band(self, name: str, arm: str, metric: str) -> Optional[tuple]:
+        """The band a window of (name, arm, metric) is checked against: given for the arm, given for the set,
+        else learnt from the first window of that arm (None before it)."""
+        with self._lock:
+            return self._band(name, arm, metric)
 
     def observe(self, name: str, version: Optional[str], arm: str, metric: str, value: float) -> Optional[dict]:
         if not math.isfinite(value):
@@ -87,11 +111,11 @@ class Detector:
             window = vals[:]
             vals.clear()
             mean = sum(window) / len(window)
-            band = self._bands.get((name, arm, metric)) or self._bands.get((name, None, metric))
+            band = self._band(name, arm, metric)
             if band is None:
                 sd = math.sqrt(sum((v - mean) ** 2 for v in window) / (len(window) - 1))
                 half = max(self.k * sd / math.sqrt(len(window)), self.min_half_width)
-                self._bands[(name, arm, metric)] = (mean - half, mean + half, "first window")
+                self._learnt[(name, arm, metric)] = (mean - half, mean + half, "first window")
                 return None
             lo, hi, source = band
             if lo <= mean <= hi:
@@ -112,8 +136,14 @@ _HELP = {
 
 
 def prometheus(telemetry_rows: list, *, alerts: int = 0, generation: Optional[int] = None,
-               active: Optional[list] = None) -> str:
-    """Prometheus text exposition (version 0.0.4) of the store's telemetry rows."""
+               active: Optional[list] = None, unavailable: Optional[dict] = None) -> str:
+    """Prometheus text exposition (version 0.0.4) of the store's telemetry rows.
+
+    ``active``: (set, version, arm, weight %) of each version served, exported as
+    ``fastpatch_active_version`` whose value is the percentage of request keys the arm gets (the control
+    arm: what the running arms leave, 100 with none; a paused rollout's arms are not listed, as they serve
+    nobody). ``unavailable``: {(set, version): reason} of live versions this process cannot serve
+    (``fastpatch_version_unavailable`` 1 each)."""
     out = []
     by_metric: dict = defaultdict(list)
     for r in telemetry_rows:
@@ -137,9 +167,16 @@ def prometheus(telemetry_rows: list, *, alerts: int = 0, generation: Optional[in
         out += ["# HELP fastpatch_registry_generation Changes committed to the registry store",
                 "# TYPE fastpatch_registry_generation gauge", f"fastpatch_registry_generation {int(generation)}"]
     if active is not None:
-        out += ["# HELP fastpatch_active_version 1 for each version currently served, per arm",
+        out += ["# HELP fastpatch_active_version Percent of request keys (0-100) each served version gets, per arm "
+                "(control: the stable version's share)",
                 "# TYPE fastpatch_active_version gauge"]
         for name, version, arm, weight in active:
             out.append(f'fastpatch_active_version{{set="{_escape(name)}",version="{_escape(version)}",'
                        f'arm="{_escape(arm)}"}} {float(weight):g}')
+    if unavailable is not None:
+        out += ["# HELP fastpatch_version_unavailable 1 for each live version this process cannot serve (its patch "
+                "files are missing or corrupted; its requests are refused)",
+                "# TYPE fastpatch_version_unavailable gauge"]
+        for (name, version) in sorted(unavailable):
+            out.append(f'fastpatch_version_unavailable{{set="{_escape(name)}",version="{_escape(version)}"}} 1')
     return "\n".join(out) + "\n"

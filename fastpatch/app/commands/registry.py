@@ -24,7 +24,15 @@ Every change is audited with --actor (default: $FASTPATCH_ACTOR or the login nam
   expire NAME VERSION [--at ISO]    not served from that instant on (default: now)
   guard NAME {pause,abort,rollback,off} [--band METRIC=LO:HI ...]
   audit [--name NAME] | alerts [--name NAME] | metrics
-  serve --tokens TOKENS.json [--host H] [--port P]   the HTTP admin API (no model)
+  serve --tokens TOKENS.json [--host H] [--port P] [--read-timeout S]
+                                    the HTTP admin API (no model); --port 0 picks a free port,
+                                    the line it prints names the bound one
+
+Only publish and policy create the store directory when it does not exist yet; every other action
+refuses a directory that holds no store (exit 2), so a mistyped --store is not taken for an empty
+registry. Mistakes (a bad or duplicate version, a missing or invalid patch file, an unknown set or
+version, a bad percentage) are one line on stderr with exit status 2; FASTPATCH_TRACEBACK=1 shows the
+traceback instead. A closed stdout (`... --json audit | head`) ends the command quietly.
 
 examples:
   fastpatch registry --store /srv/patches publish tone 1.1.0 --patch positive=positive.safetensors
@@ -57,7 +65,10 @@ def add_arguments(p) -> None:
     p.add_argument("--name", default=None, help="audit/alerts: only this patch set")
     p.add_argument("--tokens", default=None, help="serve: tokens JSON file")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="serve: TCP port (0: any free one; default 8080)")
+    p.add_argument("--read-timeout", type=float, default=None, metavar="S",
+                   help="serve: seconds a client read (headers, body) may wait before the request is dropped "
+                        "(default 10)")
 
 
 def _time(text: str) -> float:
@@ -77,29 +88,49 @@ def _need(args, n: int, usage: str) -> list:
     return args.args
 
 
+# Actions that may create the store directory (they write into it); the others need an existing store.
+CREATES_STORE = ("publish", "policy")
+
+
 def run(args) -> int:
+    import sqlite3
+
     from ...lifecycle.governance import Governance
-    from ...lifecycle.store import SQLiteStore
+    from ...lifecycle.store import SQLiteStore, StoreError
+    from .common import user_error
 
     if not args.store:
-        print("error: give --store DIR (or set FASTPATCH_REGISTRY)", file=sys.stderr)
-        return 2
-    gov = Governance(SQLiteStore(args.store), actor=args.actor)
+        return user_error(args, ValueError("give --store DIR (or set FASTPATCH_REGISTRY)"))
+    try:
+        gov = Governance(SQLiteStore(args.store, create=args.action in CREATES_STORE), actor=args.actor)
+    except (StoreError, sqlite3.DatabaseError, OSError) as exc:
+        return user_error(args, exc)
     try:
         out = _run(gov, args)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+    except (ValueError, KeyError, OSError, StoreError, sqlite3.DatabaseError) as exc:
+        # a person's mistake: one line, exit 2 (FASTPATCH_TRACEBACK=1: the traceback)
+        return user_error(args, exc)
     finally:
         gov.store.close()
     if out is None:
         return 0
-    if isinstance(out, str):
-        print(out, end="" if out.endswith("\n") else "\n")
-    else:
-        print(json.dumps(out, indent=1, default=str))
+    text = out if isinstance(out, str) else json.dumps(out, indent=1, default=str)
+    try:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say, say nothing
+        _silence_stdout()
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not report the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _run(gov, args):
@@ -165,6 +196,8 @@ def _run(gov, args):
         name, version = _need(args, 2, "NAME VERSION --percent P")
         if args.percent is None:
             raise ValueError("rollout NAME VERSION needs --percent P")
+        if not 0 <= args.percent <= 100:
+            raise ValueError(f"--percent {args.percent:g}: a canary percentage is between 0 and 100")
         return _state(gov.canary(name, version, args.percent, actor=actor), args)
     if a == "promote":
         (name,) = _need(args, 1, "NAME [--arm ARM]")
@@ -200,9 +233,7 @@ def _run(gov, args):
         alerts = gov.alerts(args.name)
         if args.json:
             return alerts
-        return "\n".join(f"{x['id']:>4} {_iso(x['ts'])} {x['name']}@{x['version']} arm={x['arm']} {x['metric']}: "
-                         f"window mean {x['window_mean']:.4g} outside [{x['band'][0]:.4g}, {x['band'][1]:.4g}] "
-                         f"({x['band_source']}) guard={x.get('guard')}" for x in alerts) or "(no alerts)"
+        return "\n".join(_alert_line(x) for x in alerts) or "(no alerts)"
     if a == "metrics":
         from ...lifecycle.telemetry import prometheus
 
@@ -212,11 +243,21 @@ def _run(gov, args):
 
         if not args.tokens:
             raise ValueError("serve needs --tokens TOKENS.json")
-        server = AdminServer(gov, load_tokens(args.tokens))
-        print(f"admin API on http://{args.host}:{args.port}/v1 (store {args.store})", flush=True)
-        server.serve_forever(args.host, args.port)
+        kw = {} if args.read_timeout is None else {"read_timeout": args.read_timeout}
+        server = AdminServer(gov, load_tokens(args.tokens), **kw)
+        host, port = server.start(args.host, args.port)  # --port 0: the port the system chose
+        print(f"admin API on http://{host}:{port}/v1 (store {args.store})", flush=True)
+        server.join()
         return None
     raise ValueError(f"unknown action {a!r}")
+
+
+def _alert_line(x: dict) -> str:
+    head = f"{x['id']:>4} {_iso(x['ts'])} {x['name']}@{x.get('version')} arm={x.get('arm')} {x.get('metric')}: "
+    if "window_mean" in x:
+        return (head + f"window mean {x['window_mean']:.4g} outside [{x['band'][0]:.4g}, {x['band'][1]:.4g}] "
+                f"({x.get('band_source')}) guard={x.get('guard')}")
+    return head + str(x.get("error") or x.get("kind") or "alert")
 
 
 def _state(state: dict, args):
