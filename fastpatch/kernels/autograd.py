@@ -341,7 +341,7 @@ def fused_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     same checks, same outputs; gradients flow to x, residual, weight, bias and the bank's tensors."""
     x2d, res2d, w, b, norm_kind, idx = check_inputs(
         x, residual, weight, bias, eps, norm, bank, index, weight_offset, fire_counts)
-    impl = backends.resolve(backend, x.device)
+    impl = backends.resolve(backend, x.device, x.dtype)
     if x2d.shape[0] == 0:
         return torch.empty_like(x), torch.empty_like(x)
     o, r = run(impl.run, x2d, res2d, w, b, eps, norm_kind, weight_offset, bank, idx, fire_counts)

@@ -222,7 +222,7 @@ def _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offs
         x, residual, weight, bias, eps, norm, bank, index, weight_offset, fire_counts)
     out2d = _check_output("out", out, x)
     res_out2d = _check_output("residual_out", residual_out, x)
-    impl = backends.resolve(backend, x.device)
+    impl = backends.resolve(backend, x.device, x.dtype)  # one dict lookup after the first call
     if remember and impl.__name__ == _CPP_MODULE:
         _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, backend, index is None,
                   x.shape[-1], norm_kind, impl)

@@ -10,11 +10,16 @@ contiguous, possibly aliasing x2d or residual2d), else newly allocated.
 from __future__ import annotations
 
 import importlib
+import logging
+import threading
+import warnings
 from types import ModuleType
+from typing import Optional
 
 import torch
 
 from ..triton_ops.dispatch import uses_tile_kernel
+from . import selftest
 
 # name -> module path; imported lazily so that a missing toolchain only affects its backend.
 _MODULES = {
@@ -60,8 +65,10 @@ def available(device) -> list[str]:
     return names
 
 
-# (backend name or None, device type) -> module, filled by eager calls. Availability checks may
-# build an extension, which torch.compile cannot trace: compiled code only looks up this table.
+# (backend name or None, device type, dtype or None) -> module, filled by eager calls. Availability
+# checks may build an extension and the first use runs a self-test, neither of which torch.compile can
+# trace: compiled code only looks up this table. Keyed on the device type, not the index: the first
+# GPU a process uses is the one whose self-test counts.
 _resolved: dict = {}
 
 
@@ -119,29 +126,142 @@ class PerShape:
         return f"PerShape({', '.join(self.names)})"
 
 
-def resolve(backend, device: torch.device) -> ModuleType:
-    key = (backend, device.type)
+class SelfTestError(RuntimeError):
+    """A named backend failed its first-use self-test against the float64 reference."""
+
+
+_log = logging.getLogger("fastpatch")
+_warned: set = set()  # what was already warned about in this process (each warning once)
+
+
+def _warn_once(key, message: str) -> None:
+    """warnings.warn once per process per ``key``, and the same line to the "fastpatch" logger when the
+    application configured logging (without handlers, logging's last-resort handler would print it to
+    stderr a second time under the warning)."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, FastpatchWarning, stacklevel=5)  # the caller of fused_add_norm / apply
+    if _log.hasHandlers():
+        _log.warning(message)
+
+
+class FastpatchWarning(RuntimeWarning):
+    """A backend was refused or is missing, so fastpatch runs something slower than it could."""
+
+
+def _self_tested(name: str, device: torch.device, dtype, named: bool, fallback=None) -> bool:
+    """Whether ``name`` passes its first-use self-test (always True with FASTPATCH_SELFTEST=0 and for
+    the reference, which is the oracle). A failure warns (``backend=None``) or raises (named)."""
+    if name == "reference" or not selftest.enabled():
+        return True
+    result = selftest.check(name, load(name), device, dtype)
+    if result.ok:
+        return True
+    if named:
+        raise SelfTestError(selftest.refusal_message(result, named=True))
+    _warn_once(("refused", name, device.type), selftest.refusal_message(result, named=False, fallback=fallback))
+    _refused[name, device.type] = f"refused: failed its self-test ({result.describe()})"
+    return False
+
+
+# (name, device type) -> why backend=None skipped a backend that is available (its self-test failed)
+_refused: dict = {}
+
+
+def _warn_slow(device: torch.device) -> None:
+    """backend=None found nothing faster than the float64 reference for ``device``: say why and how to
+    fix it, once per process and device type (the reference is correct but 10-100x slower)."""
+    if device.type not in _PREFERENCE:
+        return  # no compiled backend exists for this device type: nothing was missed
+    reasons = []
+    for name in _PREFERENCE.get(device.type, ()):
+        if name == "reference":
+            continue
+        if (name, device.type) in _refused:
+            why = _refused[name, device.type]
+        else:
+            try:
+                module = load(name)
+                why = getattr(module, "why_unavailable", lambda d: "unsupported device")(device)
+            except ImportError as exc:
+                why = f"{type(exc).__name__}: {exc}"
+        why = " ".join(why.split())
+        if (name, device.type) in _refused:  # its own warning (just before this one) gave the fix
+            reasons.append(f"{name}: {why}")
+        else:
+            reasons.append(f"{name}: {why[:600]} (fix: {selftest.fix_for(name, why)})")
+    _warn_once(("slow", device.type),
+               f"fastpatch: no compiled backend works for {device.type} tensors here, so backend=None runs the "
+               f"float64 reference (correct, but 10-100x slower). " + "; ".join(reasons) + ". "
+               f"`fastpatch doctor` checks every backend; pass backend='reference' to choose the reference on "
+               f"purpose (no warning).")
+
+
+def resolve(backend, device: torch.device, dtype: Optional[torch.dtype] = None) -> ModuleType:
+    """The backend module for ``backend`` (a name, or None for the fastest working one) on ``device``.
+
+    The first resolution per (backend, device type, dtype) checks availability (may build an extension)
+    and runs the backend's first-use self-test (see ``selftest``; ``dtype`` None: every dtype, what
+    apply() / vLLM's install use since they serve whatever dtype comes); later ones are one dict lookup.
+    """
+    key = (backend, device.type, dtype)
     module = _resolved.get(key)
     if module is not None:
         return module
     if torch.compiler.is_compiling():
+        module = _resolved.get((backend, device.type, None))  # prepare() resolved every dtype at once
+        if module is not None:
+            return module
         raise RuntimeError(
             f"fastpatch backend {backend!r} for {device.type} is not initialised yet: call "
             f"fastpatch.kernels.backends.prepare({device.type!r}, {backend!r}) (or run once eagerly) before torch.compile")
-    if backend is None:
-        names = available(device)
-        gpu_names = [n for n in names if n in ("cuda", "triton")]
-        if device.type == "cuda" and gpu_names:
-            module = PerShape(gpu_names)  # per-call choice between the CUDA and Triton kernels
-        else:
-            module = load(names[0] if names else "reference")
-    else:
+    with _resolve_lock:
+        module = _resolved.get(key)
+        if module is None:
+            module = _resolve_now(backend, device, dtype)
+            _resolved[key] = module
+    return module
+
+
+_resolve_lock = threading.RLock()
+
+
+def _resolve_now(backend, device: torch.device, dtype):
+    if backend is not None:
         module = load(backend)
         if not module.is_available(device):
             raise ValueError(f"backend {backend!r} is not available for device {device} here: "
                              f"{getattr(module, 'why_unavailable', lambda d: 'unsupported device')(device)}")
-    _resolved[key] = module
-    return module
+        _self_tested(backend, device, dtype, named=True)
+        return module
+    names = available(device)
+    if device.type == "cuda":
+        # the per-call choice between the CUDA and Triton kernels, over those that pass their self-test
+        gpu_names = [n for n in names if n in ("cuda", "triton")]
+        passed = [n for i, n in enumerate(gpu_names)
+                  if _self_tested(n, device, dtype, named=False,
+                                  fallback=next(iter(gpu_names[i + 1:]), "reference"))]
+        if passed:
+            return PerShape(passed)
+    else:
+        for i, name in enumerate(names):
+            rest = names[i + 1:]
+            if _self_tested(name, device, dtype, named=False, fallback=rest[0] if rest else None):
+                if name == "reference":
+                    _warn_slow(device)
+                return load(name)
+    _warn_slow(device)
+    return load("reference")
+
+
+def forget() -> None:
+    """Forget resolved backends, self-test results and warnings given (tests; after a rebuild)."""
+    with _resolve_lock:
+        _resolved.clear()
+        _refused.clear()
+        _warned.clear()
+        selftest.forget()
 
 
 def prepare(device="cpu", backend=None) -> str:
