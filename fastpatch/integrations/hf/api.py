@@ -1,6 +1,7 @@
 """``fastpatch.apply`` / ``fastpatch.patched``: fuse patches into a Hugging Face model."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 from ...kernels import backends
@@ -42,6 +43,12 @@ def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Opti
     engine = Engine(info, plan, count_fires)
     handle = Handle(model, engine, backend)
     captured = drift.capture_block_inputs(info) if verify and info.spec.style == "pre" else None
+    if captured is not None:
+        # training: the fused layers must be recomputed under gradient checkpointing, however this
+        # transformers version checkpoints a layer (checked now if checkpointing is on, else once it is)
+        engine.recompute_check = lambda: drift.check_recompute(engine, captured)
+    elif info.spec.style == "pre":
+        _warn_unverified(info)
     try:
         handle._targets = install(engine, impl)
         if verify:
@@ -51,15 +58,33 @@ def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Opti
                 drift.check_post(engine)
             engine.fusion_hits = engine.fusion_misses = 0  # the check's own calls are not the user's
         install_step_hooks(handle)
+        ck = getattr(handle, "_checkpointing", None)
+        if ck is not None:
+            ck.verify()
         setattr(model, MARK, handle)
     except BaseException as exc:
         for h in handle._hooks:
             h.remove()
         uninstall(handle._targets)
         if isinstance(exc, UnsupportedModelError) and fallback == "hooks":  # drift, or refused by install
+            if isinstance(exc, drift.CheckpointingMismatchError):  # loudly: the user asked for fused
+                warnings.warn(f"fastpatch: falling back to hooks: {exc}", RuntimeWarning, stacklevel=2)
             return hooks.apply(model, patches, count_fires=count_fires)
         raise
     return handle
+
+
+def _warn_unverified(info) -> None:
+    """``verify=False``: nothing checks that a layer class whose checkpointing fastpatch does not know is
+    recomputed under gradient checkpointing; say so once at apply rather than train silently without."""
+    from .checkpointing import mechanism
+
+    unknown = sorted({type(b).__qualname__ for b in info.layers if mechanism(type(b)) == "unknown"})
+    if unknown:
+        warnings.warn(f"fastpatch.apply(verify=False): transformers {drift._tf_version()} checkpoints {unknown} "
+                      "in a way fastpatch does not know, and verify=False skips the check that gradient "
+                      "checkpointing still recomputes the fused layers. Use verify=True (the default) or "
+                      "fallback='hooks' to train with checkpointing", RuntimeWarning, stacklevel=3)
 
 
 def patched(model, patches: dict, **kwargs) -> Handle:

@@ -12,6 +12,13 @@ there; hooks on the embeddings see that call). The block's class ``forward`` and
 fused layer hands the next layer its normed input, that normed tensor against the next norm module's
 own ``forward`` must agree to within float rounding. Post-LN (BERT): each fused output module class
 and the embedding LayerNorm, called directly on random inputs.
+
+Training (:func:`check_recompute`): with gradient checkpointing on, the first block of each class is
+called (its ``__call__``, as the model's layer loop calls it) in training mode on the same 4-token
+arguments with random hidden states that require grad, then backward: the fused forward must have run
+exactly once in the forward and exactly once more in backward (a recompute), however this transformers
+version checkpoints a layer. Otherwise :class:`CheckpointingMismatchError`, naming the class and the
+version: training would keep every activation (no recompute), or recompute twice.
 """
 from __future__ import annotations
 
@@ -26,6 +33,10 @@ _TOKENS = 4
 
 class FusedMismatchError(UnsupportedModelError):
     """The fused implementation of a module class does not reproduce the class's own forward."""
+
+
+class CheckpointingMismatchError(FusedMismatchError):
+    """Under gradient checkpointing the fused layer forward is not recomputed once in backward."""
 
 
 class _Captured(Exception):
@@ -173,3 +184,82 @@ def check_post(engine: Engine) -> None:
             finally:
                 tls.step = prev
         _compare(got, ref, f"{cls.__module__}.{cls.__qualname__}", info.dtype)
+
+
+class _Probe:
+    """The state :func:`check_recompute` changes, restored on exit: parameters frozen (no ``.grad`` of the
+    user's is created or touched), the probed blocks in training mode with every submodule in eval (no
+    dropout: the user's RNG stream is not consumed), the engine's probe list, fusion counters and step."""
+
+    def __init__(self, engine, blocks):
+        self.engine = engine
+        self.frozen = [p for p in engine.info.base.parameters() if p.requires_grad]
+        self.modes = [(m, m.training) for b in blocks for m in b.modules()]
+        self.blocks = blocks
+
+    def __enter__(self):
+        e = self.engine
+        self.saved = (e.fusion_hits, e.fusion_misses, getattr(e._tls, "step", None))
+        for p in self.frozen:
+            p.requires_grad_(False)
+        for m, _ in self.modes:
+            m.training = False
+        for b in self.blocks:
+            b.training = True
+        e.probe = []
+        return self
+
+    def __exit__(self, *exc):
+        e = self.engine
+        e.probe = None
+        e.fusion_hits, e.fusion_misses, e._tls.step = self.saved
+        for m, mode in self.modes:
+            m.training = mode
+        for p in self.frozen:
+            p.requires_grad_(True)
+
+
+def check_recompute(engine: Engine, captured: dict) -> None:
+    """Under gradient checkpointing, each fused block class runs its fused forward once in forward and
+    once more in backward (see the module docstring); blocks not set to checkpoint are skipped, and so
+    are blocks transformers does not checkpoint by themselves (not ``GradientCheckpointingLayer``s: a
+    caller that checkpoints them calls the fused forward like any forward)."""
+    from .checkpointing import mechanism
+
+    info = engine.info
+    todo = []
+    for cls, (i, args, kwargs) in captured.items():
+        block = info.layers[i]
+        if getattr(block, "gradient_checkpointing", False) and mechanism(cls) != "none":
+            todo.append((cls, block, args, kwargs))
+    if not todo:
+        return
+    empty = build_plan(info, {}, False)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    with _Probe(engine, [b for _, b, _, _ in todo]), torch.enable_grad():
+        for cls, block, args, kwargs in todo:
+            h0 = args[0] if args else kwargs.get("hidden_states")
+            x = torch.randn(h0.shape, generator=g).to(device=h0.device, dtype=h0.dtype).requires_grad_()
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            engine._tls.step = Step(empty)
+            del engine.probe[:]
+            out = block(x, *args[1:], **kw)
+            forward_runs = len(engine.probe)
+            _first(out).float().sum().backward()
+            backward_runs = len(engine.probe) - forward_runs
+            if forward_runs != 1 or backward_runs != 1:
+                raise CheckpointingMismatchError(_recompute_message(cls, forward_runs, backward_runs))
+
+
+def _recompute_message(cls, forward_runs: int, backward_runs: int) -> str:
+    from .checkpointing import mechanism
+
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    what = ("is not recomputed in backward: training would keep every activation, as without checkpointing"
+            if backward_runs == 0 else "is not run exactly once in forward and once in backward")
+    return (f"{name}: under gradient checkpointing fastpatch's fused layer forward ran {forward_runs} time(s) in "
+            f"forward and {backward_runs} in backward (expected 1 and 1); it {what}. This transformers version "
+            f"({_tf_version()}) checkpoints {cls.__name__} in a way fastpatch does not know (mechanism: "
+            f"{mechanism(cls)!r}). Fix: fastpatch.apply(model, patches, fallback='hooks') with checkpointing "
+            "enabled before apply (or fastpatch.hooks.apply) recomputes correctly through plain hooks; or "
+            "disable gradient checkpointing; and please report the class and the transformers version")

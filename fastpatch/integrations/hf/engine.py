@@ -194,6 +194,8 @@ class Engine:
         self.fusion_misses = 0
         self._expand_memo = None  # (ids, B, ids expanded to B rows)
         self.removed = False  # set by handle.remove(): fused forwards still reachable pass through
+        self.probe = None  # a list while drift.check_recompute counts fused layer forward runs
+        self.recompute_check = None  # set by apply: drift.check_recompute for checkpointing.py
 
     # --- per forward -------------------------------------------------------------------------
     def current(self) -> Step:

@@ -37,7 +37,7 @@ import torch
 from torch.nn.modules import module as _torch_module
 
 from ...kernels import autograd as _autograd
-from .checkpointing import checkpointed, recomputing
+from .checkpointing import checkpoint_call, checkpointed, mechanism, recomputing
 from ...core.reference import NORM_KINDS
 from .arch import get_path, norm_eps
 from .sites import UnsupportedModelError
@@ -201,10 +201,10 @@ def _install_pre(engine: Engine, impl) -> list:
                             or live.get(next_key) is not next_block)
             return not (next_norm._forward_pre_hooks or foreign(next_norm))
 
-        @ours
-        def forward(hidden_states, *args, **kwargs):
-            if engine.removed:  # still called by a wrapper that captured it (nnsight): the plain block
-                return cls_forward(block, hidden_states, *args, **kwargs)
+        def fused_forward(hidden_states, *args, **kwargs):
+            probe = engine.probe
+            if probe is not None:  # drift.check_recompute counts the runs of this very function
+                probe.append(i)
             if args:
                 kwargs = kwargs_of(names, args, kwargs)
             step = getattr(tls, "step", None) or current()
@@ -253,6 +253,22 @@ def _install_pre(engine: Engine, impl) -> list:
                 engine.decide(step, post_key, h)
             step.stash = None if normed is None else (h, normed, version_of(h))
             return h
+
+        if mechanism(type(block)) == "forward":
+            # transformers checkpoints this class in a wrapper around the class ``forward``, which the
+            # instance forward below shadows: apply the wrapper's logic to the fused forward ourselves
+            # (without it the layer is silently not recomputed; see checkpointing.py).
+            @ours
+            def forward(hidden_states, *args, **kwargs):
+                if engine.removed:  # still called by a wrapper that captured it (nnsight): the plain block
+                    return cls_forward(block, hidden_states, *args, **kwargs)
+                return checkpoint_call(block, fused_forward, hidden_states, args, kwargs)
+        else:  # "call": GradientCheckpointingLayer.__call__ checkpoints around us; "unknown": checked by running
+            @ours
+            def forward(hidden_states, *args, **kwargs):
+                if engine.removed:  # still called by a wrapper that captured it (nnsight): the plain block
+                    return cls_forward(block, hidden_states, *args, **kwargs)
+                return fused_forward(hidden_states, *args, **kwargs)
 
         return forward
 
