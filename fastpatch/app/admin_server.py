@@ -10,8 +10,9 @@ generation requests run together on one model). Every route needs a bearer token
 
 No token or an unknown one → 401; a read token on a change → 403. Errors are JSON ``{"error": ...}``:
 400 bad input (bad semver, bad name, policy violation, bad patch file, unknown label, a body shorter than
-its ``Content-Length``), 404 unknown set or version, 408 a declared body that did not arrive within
-``read_timeout`` seconds, 409 conflict (version exists / not newer), 413 body too large, 503 a version
+its ``Content-Length`` or a malformed ``Content-Length``), 404 unknown set or version, 408 a declared body
+that did not arrive within ``read_timeout`` seconds, 409 conflict (version exists / not newer), 411 a chunked
+body (send a ``Content-Length``), 413 body too large, 503 a version
 this server cannot serve (its patch file is missing or corrupted; never served unpatched). A request is
 executed only once its whole body has arrived; every socket read waits at most ``read_timeout`` seconds
 (default 10), so a silent client never holds a server thread for long (an idle keep-alive connection is
@@ -299,7 +300,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlparse(self.path)
         close_after = self.close_connection  # as parse_request set it from the version and Connection header
-        if method == "POST":
+        if method == "POST" or self.headers.get("Content-Length") not in (None, "0") \
+                or self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # until the whole body is read: unread bytes must not become a request
         try:
             who = self.app.who(self.headers.get("Authorization"))
