@@ -7,7 +7,7 @@ import os
 import sys
 
 # Each module defines NAME, HELP, add_arguments(parser) and run(args) -> int.
-COMMAND_MODULES = ("bench", "fit", "eval", "inspect", "convert", "demo", "build", "registry")
+COMMAND_MODULES = ("bench", "fit", "eval", "inspect", "convert", "demo", "build", "doctor", "registry")
 
 
 def _load_commands():

@@ -38,6 +38,26 @@ _direct = None  # the same kernel as a pybind11 function: ~0.5 µs per call inst
 _module = None  # the extension module (also Plan, built_with_openmp)
 
 
+def build_directory():
+    """Where torch's JIT builds and caches this extension: ``$TORCH_EXTENSIONS_DIR/fastpatch_cpu``, or
+    torch's default root + ``py<ver>_<accelerator>/fastpatch_cpu`` (the rule of torch's
+    ``_get_build_directory``, which creates the folder, so it is restated here instead of called)."""
+    import sys
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        if torch.version.hip is not None:
+            accel = f"rocm{torch.version.hip.replace('.', '')}"
+        else:
+            accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+        py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{py}_{accel}")
+    return Path(root) / "fastpatch_cpu"
+
+
 def _simd_flags() -> list[str]:
     if os.environ.get("FASTPATCH_CPU_PORTABLE"):  # escape hatch: build the portable kernel
         return []

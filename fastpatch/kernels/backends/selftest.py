@@ -204,8 +204,8 @@ def _compare(name: str, got: torch.Tensor, expected: torch.Tensor, rtol: float, 
     err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
     tol = atol + rtol * expected.abs()
     flat = int(torch.argmax(err / tol))
-    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), err.shape))
-    return float(err.reshape(-1)[flat]), float(tol.reshape(-1)[flat]), f"{name}{list(where)}"
+    row, col = divmod(flat, err.shape[-1])  # not torch.unravel_index: it imports sympy (seconds)
+    return float(err.reshape(-1)[flat]), float(tol.reshape(-1)[flat]), f"{name}[{row}, {col}]"
 
 
 def _run_case(run, case: _Case, dtype, result: Result) -> None:
