@@ -126,16 +126,17 @@ def run_variant(args) -> dict:
     model.zero_grad(set_to_none=True)
     rss0 = _rss_mib()
     peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
     recomputed = step(ids)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = []
+    times = [(time.perf_counter() - t0) * 1e3]  # --repeats 0: the measured step's own time
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         step(ids)
         times.append((time.perf_counter() - t0) * 1e3)
     return dict(variant=v, saved_MiB=saved / 2**20, peak_rss_MiB=max(0.0, peak - max(rss0, 0.0)),
-                peak_grew=peak > peak0, rss_before_MiB=rss0, fwd_bwd_ms=statistics.median(times),
-                recomputed=recomputed)
+                peak_grew=peak > peak0, rss_before_MiB=rss0, fwd_bwd_ms=statistics.median(times[1:] or times),
+                recomputed=recomputed, torch=torch.__version__, transformers=tf.__version__)
 
 
 def _old_run_norm():
@@ -261,11 +262,15 @@ def main(argv=None) -> int:
               flush=True)
     if not args.no_write:
         date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        out = ROOT / "benchmarks" / "results" / f"training_memory_{date}"
+        tfv = rows[0]["transformers"] if rows else "unknown"
+        # one file per transformers version: the checkpointing mechanism differs between releases
+        out = ROOT / "benchmarks" / "results" / f"training_memory_{date}_tf{tfv}"
         shape = {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "vocab", "tokens",
                                                "threads", "repeats")}
-        (out.with_suffix(".json")).write_text(json.dumps({"shape": shape, "rows": rows}, indent=1))
-        lines = [f"# Training memory, {date}", "", f"Llama {shape}, fp32, CPU, one forward + backward.",
+        out.with_name(out.name + ".json").write_text(json.dumps({"shape": shape, "rows": rows}, indent=1))
+        lines = [f"# Training memory, {date}, transformers {tfv}", "",
+                 f"Llama {shape}, fp32, CPU, one forward + backward; torch {rows[0]['torch'] if rows else '?'}, "
+                 f"transformers {tfv}.",
                  "The memory columns are what this measures; fwd+bwd ms on a shared machine follows its load "
                  "(see loadavg): compare times with --op-timing's paired ratios instead.", "",
                  "| variant | saved for backward MiB | peak RSS increase MiB | fwd+bwd ms | layers recomputed "
@@ -273,7 +278,7 @@ def main(argv=None) -> int:
         for r in rows:
             lines.append(f"| {r['variant']} | {r['saved_MiB']:.1f} | {r['peak_rss_MiB']:.1f} | {r['fwd_bwd_ms']:.0f} "
                          f"| {r['recomputed']} | {r['loadavg']} |")
-        (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+        out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n")
         print(f"wrote {out}.json/.md")
     return 0
 
