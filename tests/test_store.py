@@ -108,8 +108,11 @@ def _crash_rounds(tmp_path, rounds, seed):
         lines = []
         t = threading.Thread(target=_reader, args=(proc, lines), daemon=True)
         t.start()
-        deadline = time.monotonic() + 30
-        while not lines and time.monotonic() < deadline and proc.poll() is None:
+        # Wait for the writer's first acknowledged publish (progress, not a wall-clock budget: a loaded
+        # machine starts Python slowly; 300 s only stops a hang), then kill it at a random later point.
+        deadline = time.monotonic() + 300
+        while (not any(x[:2] == ["ACK", "publish"] for x in lines) and time.monotonic() < deadline
+               and proc.poll() is None):
             time.sleep(0.005)
         assert lines and lines[0][0] == "READY", proc.stderr.read()
         time.sleep(rng.uniform(0.0, 0.25))  # a random point of some publish / activation / telemetry write

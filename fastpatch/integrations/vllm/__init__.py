@@ -101,8 +101,12 @@ def _wrap_runner(module: str, cls_name: str) -> None:
 def _wrap_runner_load_model(vanilla):
     def load_model(self, *args, **kwargs):
         result = vanilla(self, *args, **kwargs)
+        from . import config as cfg
         from .worker import attach
 
+        if cfg.section(self.vllm_config.additional_config) is not None:
+            # This process's front end cannot check names or salt the cache: the engine core refuses too.
+            _refuse_without_front_end()
         attach(self)
         return result
 
@@ -169,13 +173,19 @@ def check_start(vllm_config) -> None:
 
     if cfg.section(getattr(vllm_config, "additional_config", None)) is None:
         return
+    _refuse_without_front_end()
+    problem = runner_problem(vllm_config)
+    if problem is not None:
+        raise refuse(problem)
+
+
+def _refuse_without_front_end() -> None:
+    from .compat import refuse
+
     front = [n for n in _PROBLEMS if n.startswith(_INPUT_PROCESSOR[0])]
     if front:
         raise refuse("the front end's request check cannot be installed (" +
                      "; ".join(f"{n}: {_PROBLEMS[n]}" for n in front) + ")")
-    problem = runner_problem(vllm_config)
-    if problem is not None:
-        raise refuse(problem)
 
 
 def runner_problem(vllm_config):

@@ -191,12 +191,6 @@ def attach(runner) -> Optional[WorkerState]:
     raw = cfg.section(runner.vllm_config.additional_config)
     if raw is None or getattr(runner, "_fastpatch", None) is not None:
         return None
-    from . import _INPUT_PROCESSOR, _PROBLEMS
-
-    front = [n for n in _PROBLEMS if n.startswith(_INPUT_PROCESSOR[0])]
-    if front:  # the front end cannot check names or salt the cache: the engine core refuses instead
-        raise refuse("the front end's request check cannot be installed (" +
-                     "; ".join(f"{n}: {_PROBLEMS[n]}" for n in front) + ")")
     conf = cfg.parse(raw)
     state = WorkerState(runner, conf)
     vanilla_prepare = runner._prepare_inputs
