@@ -108,7 +108,7 @@ def test_unwritten_row_and_wrong_fire_counts_are_caught(monkeypatch):
     assert not result.ok and "fire counts" in result.error
 
 
-def test_build_failure_warns_once_with_reason_and_fix(monkeypatch):
+def test_build_failure_warns_once_with_reason_and_fix(monkeypatch, caplog):
     monkeypatch.setattr(cpp, "is_available", lambda device: False)
     monkeypatch.setattr(cpp, "why_unavailable",
                         lambda device: "RuntimeError: Ninja is required to load C++ extensions")
@@ -123,6 +123,8 @@ def test_build_failure_warns_once_with_reason_and_fix(monkeypatch):
     for part in ("backend=None runs the float64 reference", "Ninja is required", "pip install ninja",
                  "fastpatch doctor", "backend='reference'"):
         assert part in texts[0], (part, texts[0])
+    # an application that configured logging gets the same line once in its log
+    assert [r.getMessage() for r in caplog.records if r.name == "fastpatch"] == texts
 
 
 def test_backend_named_reference_does_not_warn(monkeypatch):

@@ -297,6 +297,13 @@ def check(backend: str, module, device, dtype=None) -> Result:
         missing = tuple(d for d in wanted if (backend, device, d) not in _results)
         merged = None
         if missing:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # the test allocates and syncs, which a capture forbids: it would "crash" and refuse a
+                # good backend. Same rule as for torch.compile: resolve before capturing.
+                raise RuntimeError(
+                    f"fastpatch backend {backend!r} has not passed its first-use self-test on {device} yet and "
+                    f"cannot run it during CUDA graph capture: call fastpatch.kernels.backends.prepare("
+                    f"{device.type!r}) (or run the op once eagerly) before capturing")
             calls += 1
             merged = run(backend, module, device, missing)
             for d in missing:
