@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 import threading
 import warnings
 from types import ModuleType
@@ -131,6 +133,7 @@ class SelfTestError(RuntimeError):
 
 
 _log = logging.getLogger("fastpatch")
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
 _warned: set = set()  # what was already warned about in this process (each warning once)
 
 
@@ -141,7 +144,12 @@ def _warn_once(key, message: str) -> None:
     if key in _warned:
         return
     _warned.add(key)
-    warnings.warn(message, FastpatchWarning, stacklevel=5)  # the caller of fused_add_norm / apply
+    # Point at the user's line (the first frame outside fastpatch): fused_add_norm, apply() and the
+    # autograd op reach here through different depths, so no fixed stacklevel fits them all.
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, FastpatchWarning, stacklevel=level)
     if _log.hasHandlers():
         _log.warning(message)
 
