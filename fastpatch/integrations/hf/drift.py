@@ -229,8 +229,11 @@ def check_recompute(engine: Engine, captured: dict) -> None:
     info = engine.info
     todo = []
     for cls, (i, args, kwargs) in captured.items():
-        block = info.layers[i]
-        if getattr(block, "gradient_checkpointing", False) and mechanism(cls) != "none":
+        # the first block of the class that is set to checkpoint (``every_n_layers`` may skip the first);
+        # the captured arguments (rotary embeddings, mask) are those of the class's first block
+        block = next((b for b in info.layers[i:] if type(b) is cls and getattr(b, "gradient_checkpointing", False)),
+                     None)
+        if block is not None and mechanism(cls) != "none":
             todo.append((cls, block, args, kwargs))
     if not todo:
         return
@@ -242,6 +245,8 @@ def check_recompute(engine: Engine, captured: dict) -> None:
             x = torch.randn(h0.shape, generator=g).to(device=h0.device, dtype=h0.dtype).requires_grad_()
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             engine._tls.step = Step(empty)
+            # engine.probe is shared by all threads (a CUDA backward recomputes on the device's thread):
+            # the check assumes nothing else runs this model meanwhile, as apply / a training step does
             del engine.probe[:]
             out = block(x, *args[1:], **kw)
             forward_runs = len(engine.probe)
