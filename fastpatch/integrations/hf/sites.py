@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ...core.errors import UnsupportedModelError  # re-exported: importable from here as before
 from .arch import ArchSpec, get_path
 from .arch import bert as _bert
 from .arch import gemma as _gemma
@@ -20,10 +21,6 @@ from .arch import llama as _llama
 SPECS: tuple = (_llama.SPEC, _gemma.GEMMA, _gemma.GEMMA2, _gpt2.SPEC, _bert.SPEC)
 SUPPORTED_MODEL_TYPES = tuple(t for s in SPECS for t in s.model_types)
 
-
-
-class UnsupportedModelError(ValueError):
-    pass
 
 
 @dataclass

@@ -18,6 +18,7 @@ import types
 import torch
 
 from ...kernels import backends
+from ...core.errors import UnsupportedModelError  # one class for every integration
 from ...core.sites import site_name
 
 # vLLM model classes whose decoder layers have the (h, residual) -> norm(h, residual) form, and the
@@ -30,10 +31,6 @@ SUPPORTED = {
     "GemmaForCausalLM": 1.0,
 }
 _NORM_CLASSES = {"RMSNorm": 0.0, "GemmaRMSNorm": 1.0}
-
-
-class UnsupportedModelError(ValueError):
-    """The vLLM model's structure is not one the plugin maps onto sites."""
 
 
 def decoder(model: torch.nn.Module):
