@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fastpatch as fp
-from fastpatch.integrations.hf.sites import UnsupportedModelError
+from fastpatch.integrations.hf import UnsupportedModelError
 from models import tiny_model
 
 D = 64

@@ -4,7 +4,7 @@ from . import cast, hooks
 from .api import apply, patched
 from .handle import Handle
 from ...core.sites import all_sites, parse_site
-from .sites import SUPPORTED_MODEL_TYPES, UnsupportedModelError, model_info
+from .model_sites import SUPPORTED_MODEL_TYPES, UnsupportedModelError, model_info
 
 __all__ = ["Handle", "apply", "patched", "cast", "hooks", "SUPPORTED_MODEL_TYPES", "UnsupportedModelError",
            "all_sites", "model_info", "parse_site"]

@@ -8,7 +8,7 @@ from ...kernels import backends
 from .engine import Engine, build_plan
 from .fused import install, uninstall
 from .handle import MARK, Handle, check_not_patched, install_step_hooks
-from .sites import UnsupportedModelError, model_info, unwrap
+from .model_sites import UnsupportedModelError, model_info, unwrap
 from . import drift, hooks
 
 

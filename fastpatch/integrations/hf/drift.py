@@ -26,7 +26,7 @@ import torch
 
 from .arch import get_path
 from .engine import Engine, Step, build_plan
-from .sites import UnsupportedModelError
+from .model_sites import UnsupportedModelError
 
 _TOKENS = 4
 

@@ -20,7 +20,7 @@ from ...core.patches import CanonicalPatch, Gate, Patch
 from ...core.scope import Scope, Scoped
 from .conditions import Condition, Conditional
 from ...core.sites import order, parse_site, site_name
-from .sites import ModelInfo
+from .model_sites import ModelInfo
 
 _SKIP = object()
 

@@ -40,7 +40,7 @@ from ...kernels import autograd as _autograd
 from .checkpointing import checkpoint_call, checkpointed, mechanism, recomputing
 from ...core.reference import NORM_KINDS
 from .arch import get_path, norm_eps
-from .sites import UnsupportedModelError
+from .model_sites import UnsupportedModelError
 from .engine import Engine, kwargs_of, param_names
 
 

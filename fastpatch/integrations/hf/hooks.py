@@ -25,7 +25,7 @@ from .handle import MARK, Handle, check_not_patched, install_step_hooks
 from .arch import ArchSpec, get_path
 from .engine import Engine, build_plan
 from ...core.sites import parse_site
-from .sites import ModelInfo, UnsupportedModelError, find_spec, model_info, unwrap
+from .model_sites import ModelInfo, UnsupportedModelError, find_spec, model_info, unwrap
 
 __all__ = ["apply", "patched", "record", "HooksHandle"]
 
