@@ -9,7 +9,7 @@
 
 Each session gets fresh fastpatch and C++-extension caches, so a missing install or build step shows here
 the way it would on a new machine. ``nox -s newest -- tests/test_training.py`` passes arguments to pytest.
-Only committed work is tested by ``readme`` (it clones HEAD).
+``readme`` and ``newest`` test committed work only (each clones HEAD).
 """
 from __future__ import annotations
 
@@ -64,9 +64,13 @@ def readme(session: nox.Session) -> None:
 
 @nox.session
 def newest(session: nox.Session) -> None:
-    env = _fresh_caches(_scratch("newest"))
+    scratch = _scratch("newest")
+    env = _fresh_caches(scratch)
+    clone = scratch / "clone"
+    session.run("git", "clone", "--quiet", str(ROOT), str(clone), external=True)
+    session.chdir(clone)
     session.install(TORCH_CPU)
-    session.install("-e", f"{ROOT}[test]")
+    session.install("-e", ".[test]")
     session.run("python", "-m", "pip", "check")
     _report(session, env)
     session.run("python", "-m", "pytest", *session.posargs, env=env)
