@@ -303,7 +303,7 @@ def chosen_backend(device, x, bank, index) -> str | None:
     impl = backends.resolve(None, torch.device(device))
     if isinstance(impl, backends.PerShape):
         return impl.choose(x, bank, index)
-    return impl.__name__.rsplit(".", 1)[-1].replace("_backend", "")
+    return backends.name_of(impl)
 
 
 def grid(ns, ds, dtypes):

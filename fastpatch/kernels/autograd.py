@@ -32,7 +32,7 @@ from ..core.bank import PatchBank
 from ..core.patches import GATE_COSINE_ABOVE, GATE_COSINE_BELOW, GATE_NONE, GATE_PROJECTION_ABOVE, CanonicalPatch
 from ..core.reference import NORM_KINDS
 from . import backends
-from .ops import check_inputs
+from .checks import check_inputs
 
 _RMS = NORM_KINDS["rms"]
 _TRAINED = ("down", "bias", "up", "shift")

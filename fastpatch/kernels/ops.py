@@ -1,151 +1,22 @@
 """The public fused op: input checks, backend choice, and the call into one backend.
 
-All checks happen here, in Python, before any kernel runs, so that a bad call gets a
-clear error naming the argument instead of an out-of-bounds read in a kernel.
+All checks (:func:`fastpatch.kernels.checks.check_inputs`) run in Python before any kernel runs, so
+that a bad call gets a clear error naming the argument instead of an out-of-bounds read in a kernel.
+The kernels have no backward: a call that needs a gradient goes to the differentiable op in
+:mod:`fastpatch.kernels.autograd` instead (same arguments, same outputs).
 """
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Optional
 
 import torch
 
+from . import autograd as _autograd
 from . import backends
 from ..core.bank import PatchBank
-from ..core.reference import NORM_KINDS
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class Config:
-    """Process-wide switches.
-
-    check_index_values: check that index entries lie in [-1, P) before launching. On a GPU
-    that reads the index back to the host (a sync); serving loops that build the index
-    themselves can turn it off. Kernels treat out-of-range entries as "no patch" either way,
-    so an unchecked bad index never reads out of bounds. Skipped while torch.compile traces
-    or a CUDA graph is being captured.
-    """
-
-    check_index_values: bool = True
-
-
-config = Config()
-
-
-def _is_capturing(device: torch.device) -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    if device.type == "cuda":
-        try:
-            return torch.cuda.is_current_stream_capturing()
-        except Exception:  # pragma: no cover - CUDA present but not initialised
-            return False
-    return False
-
-
-def _check_float(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-
-
-def check_inputs(x, residual, weight, bias, eps, norm, bank, index, weight_offset, fire_counts):
-    """Validate and normalise the arguments of :func:`fused_add_norm`.
-
-    Returns ``(x2d, residual2d, weight, bias, norm_kind, index1d)`` with contiguous tensors;
-    raises TypeError/ValueError naming the offending argument.
-    """
-    _check_float("x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
-    D = x.shape[-1]
-    dev = x.device
-    x2d = x.reshape(-1, D).contiguous()
-    res2d = None
-    if residual is not None:
-        _check_float("residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual dtype {residual.dtype} differs from x dtype {x.dtype}")
-        if residual.device != dev:
-            raise ValueError(f"residual is on {residual.device}, x on {dev}")
-        res2d = residual.reshape(-1, D).contiguous()
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        _check_float(name, t)
-        if t.shape != (D,):
-            raise ValueError(f"{name} must have shape ({D},) (the hidden size), got {tuple(t.shape)}")
-        if t.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{name} dtype must be float32 or x's dtype {x.dtype}, got {t.dtype}")
-        if t.device != dev:
-            raise ValueError(f"{name} is on {t.device}, x on {dev}")
-    weight = None if weight is None else weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    if norm not in NORM_KINDS:
-        raise ValueError(f"norm must be one of {tuple(NORM_KINDS)}, got {norm!r}")
-    if bias is not None and norm != "layer":
-        raise ValueError("bias is only supported with norm='layer'")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
-    if not isinstance(weight_offset, (int, float)) or not math.isfinite(weight_offset):
-        raise ValueError(f"weight_offset must be a finite number, got {weight_offset!r}")
-
-    N = x2d.shape[0]
-    idx = None
-    if bank is None:
-        if index is not None:
-            raise ValueError("index was given without a bank")
-        if fire_counts is not None:
-            raise ValueError("fire_counts was given without a bank")
-    else:
-        if not isinstance(bank, PatchBank):
-            raise TypeError(f"bank must be a fastpatch.PatchBank, got {type(bank).__name__}")
-        if bank.hidden_size != D:
-            raise ValueError(f"bank hidden_size {bank.hidden_size} differs from x's hidden size {D}")
-        if bank.device != dev:
-            raise ValueError(f"bank is on {bank.device}, x on {dev}; move it with bank.to(device)")
-        if index is None:
-            if bank.num_patches != 1:
-                raise ValueError(
-                    f"index is required with a bank of {bank.num_patches} patches "
-                    "(index=None applies a one-patch bank to every row)"
-                )
-        else:
-            if not isinstance(index, torch.Tensor):
-                raise TypeError(f"index must be an integer tensor, got {type(index).__name__}")
-            if index.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"index must be int32 or int64, got {index.dtype}")
-            if index.numel() != N or (index.dim() != 1 and tuple(index.shape) != tuple(x.shape[:-1])):
-                raise ValueError(
-                    f"index must have one entry per row: shape ({N},) or {tuple(x.shape[:-1])}, "
-                    f"got {tuple(index.shape)}"
-                )
-            if index.device != dev:
-                raise ValueError(f"index is on {index.device}, x on {dev}")
-            idx = index.reshape(N).contiguous()
-            if config.check_index_values and N and not _is_capturing(dev):
-                lo, hi = int(idx.min()), int(idx.max())
-                if lo < -1 or hi >= bank.num_patches:
-                    raise ValueError(
-                        f"index values must lie in [-1, {bank.num_patches}) for a bank of "
-                        f"{bank.num_patches} patches, got min {lo}, max {hi}"
-                    )
-        if fire_counts is not None:
-            if not isinstance(fire_counts, torch.Tensor) or fire_counts.dtype != torch.int32:
-                raise TypeError("fire_counts must be an int32 tensor")
-            if fire_counts.shape != (bank.num_patches,) or not fire_counts.is_contiguous():
-                raise ValueError(
-                    f"fire_counts must be a contiguous tensor of shape ({bank.num_patches},), "
-                    f"got {tuple(fire_counts.shape)}"
-                )
-            if fire_counts.device != dev:
-                raise ValueError(f"fire_counts is on {fire_counts.device}, x on {dev}")
-    return x2d, res2d, weight, bias, NORM_KINDS[norm], idx
+# check_inputs and config live in .checks (shared with .autograd); importable from here as before
+from .checks import Config, check_inputs, config  # noqa: F401  (Config: re-exported)
 
 
 def fused_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor], *,
@@ -183,7 +54,24 @@ def fused_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     update in place as vLLM's kernel does. Values of the kept objects may change between calls;
     their storage must not be swapped (``.data =``, ``set_``, ``resize_``). Bad input gets the same
     error either way.
+
+    Gradients: when grad mode is on and x, residual, weight, bias or a bank tensor requires grad, the
+    call runs :func:`fastpatch.kernels.autograd.fused_add_norm` (the kernel's norm forward with a
+    hand-written backward; same outputs), which allocates its outputs: ``out`` / ``residual_out``
+    then raise a ValueError.
     """
+    # The kernels have no backward; without this a training step would get outputs detached from its
+    # parameters and train nothing, silently. Under no_grad / inference_mode (serving, generate) this
+    # costs the one is_grad_enabled() call.
+    if torch.is_grad_enabled() and _wants_grad(x, residual, weight, bias, bank):
+        if out is not None or residual_out is not None:
+            raise ValueError(
+                "fastpatch.fused_add_norm: out= / residual_out= cannot be filled while an input requires grad "
+                "under grad mode: the differentiable op (fastpatch.kernels.autograd) must allocate the outputs "
+                "autograd tracks. Drop out= and residual_out= to get gradients, or call under torch.no_grad() "
+                "(or pass detached tensors) when no gradient is wanted.")
+        return _autograd.fused_add_norm(x, residual, weight, bias=bias, eps=eps, norm=norm, bank=bank, index=index,
+                                        weight_offset=weight_offset, fire_counts=fire_counts, backend=backend)
     # Fast path (see _Plan): a call whose weight, bias, bank and fire_counts were checked before.
     plan = None
     # Never while torch.compile traces (the pybind11 kernel is opaque to it; is_compiling() is a
@@ -214,6 +102,17 @@ def fused_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
                          out, residual_out, backend, False)
 
 
+def _wants_grad(x, residual, weight, bias, bank) -> bool:
+    """Whether any input of the op requires grad (the caller checked that grad mode is on)."""
+    try:
+        return bool(x.requires_grad or (residual is not None and residual.requires_grad)
+                    or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+                    or (bank is not None and (bank.down.requires_grad or bank.up.requires_grad
+                                              or bank.bias.requires_grad or bank.shift.requires_grad)))
+    except AttributeError:
+        return False  # not a tensor / not a bank: the checked path raises the error naming the argument
+
+
 def _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offset, fire_counts, out,
                   residual_out, backend, remember):
     """Every check of check_inputs, then the backend; with ``remember`` records a _Plan for the cpp
@@ -223,7 +122,7 @@ def _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offs
     out2d = _check_output("out", out, x)
     res_out2d = _check_output("residual_out", residual_out, x)
     impl = backends.resolve(backend, x.device, x.dtype)  # one dict lookup after the first call
-    if remember and impl.__name__ == _CPP_MODULE:
+    if remember and impl is _cpp_module:
         _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, backend, index is None,
                   x.shape[-1], norm_kind, impl)
     if x2d.shape[0] == 0:
@@ -255,7 +154,7 @@ def _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offs
 #     checks the sizes and dtypes of everything it reads, so this can change results but never read
 #     out of bounds. Values may change freely (they are read on every call).
 
-_CPP_MODULE = "fastpatch.kernels.backends.cpp"
+_cpp_module = backends.load("cpp")  # imported up front by the registry; an identity check per call
 _MAX_PLANS = 256
 _plans: dict = {}
 _is_compiling = torch.compiler.is_compiling

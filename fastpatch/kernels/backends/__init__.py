@@ -38,6 +38,7 @@ _PREFERENCE = {
 }
 
 BACKENDS = tuple(_MODULES)
+_NAMES = {path: name for name, path in _MODULES.items()}  # module path -> registry name (name_of)
 
 
 # Imported modules by name: a dict lookup keeps the per-call cost of backend="..." tiny and lets
@@ -103,7 +104,9 @@ class PerShape:
     one built) when it is created, so calls under torch.compile only pick between loaded modules.
     """
 
-    __name__ = "fastpatch.kernels.backends.auto"
+    # What prepare() and name_of() report. Not __name__: this is an object choosing between two
+    # backend modules per call, not a module, and posing as one sent readers looking for auto.py.
+    name = "auto"
 
     def __init__(self, names):
         self.names = tuple(names)
@@ -272,11 +275,18 @@ def forget() -> None:
         selftest.forget()
 
 
+def name_of(impl) -> str:
+    """The registry name of what :func:`resolve` returned: "reference", "cpp", "triton", "cuda", or
+    "auto" for the per-call choice on CUDA (:class:`PerShape`)."""
+    if isinstance(impl, PerShape):
+        return impl.name
+    return _NAMES[impl.__name__]
+
+
 def prepare(device="cpu", backend=None) -> str:
     """Build/load a backend now (e.g. before torch.compile); returns the backend's name
     ("auto" for the per-shape choice on CUDA, see ``choose_cuda``)."""
-    module = resolve(backend, torch.device(device))
-    return module.__name__.rsplit(".", 1)[-1].replace("_backend", "")
+    return name_of(resolve(backend, torch.device(device)))
 
 
 # The light backend modules are imported up front: torch.compile cannot trace importlib, so a
