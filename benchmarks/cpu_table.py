@@ -1,7 +1,7 @@
 """Run the CPU kernel suite (benchmarks/test_cpu_kernels.py) and/or render its pytest-benchmark JSON as
 a markdown table with every variant's time relative to vLLM's fused_add_rms_norm kernel.
 
-    python benchmarks/cpu_table.py --run                  # run the suite, write results/cpu_kernels_<UTC date>.{json,md}
+    python benchmarks/cpu_table.py --run                  # run the suite, write results/cpu_kernels_<UTC date>.*
     python benchmarks/cpu_table.py --run -- -k 1x576      # extra pytest arguments after --
     python benchmarks/cpu_table.py results/cpu_kernels_X.json [--stat min]   # render a saved run
 
@@ -56,9 +56,10 @@ def render(data: dict, stat: str = "median") -> str:
             loads.append(float(b["extra_info"]["loadavg"]))
     m = data.get("machine_info", {})
     cpu = m.get("cpu", {}).get("brand_raw", "?")
-    versions = next((b["extra_info"].get("versions") for b in data["benchmarks"] if "versions" in b.get("extra_info", {})), "")
+    versions = next((b["extra_info"].get("versions") for b in data["benchmarks"]
+                     if "versions" in b.get("extra_info", {})), "")
     lines = [
-        f"# CPU kernel suite: fused add + patch + RMSNorm vs vLLM's `fused_add_rms_norm`",
+        "# CPU kernel suite: fused add + patch + RMSNorm vs vLLM's `fused_add_rms_norm`",
         "",
         f"Run {data.get('datetime', '?')} on {cpu} ({m.get('cpu', {}).get('count', '?')} logical CPUs), "
         f"python {m.get('python_version', '?')}, {versions}. "

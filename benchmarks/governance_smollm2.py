@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     # last token's residual stream after layer 8 on the patch direction (read with a plain forward hook).
     u = (v / v.norm()).float()
     seen = {}
-    model.model.layers[8].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    model.model.layers[8].register_forward_hook(
+        lambda m, a, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
 
     def effect():
         return float(seen["h"][0, -1] @ u)
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
 
     print("\n== 10% canary of 1.1.0 (scale 1.9)")
     gov.canary("tone", "1.1.0", 10)
-    canary_key = next(f"user-{i}" for i in range(1000) 
+    canary_key = next(f"user-{i}" for i in range(1000)
                       if gov.resolve("tone", key=f"user-{i}", labels={"region": "eu"}).arm == "canary")
     control_key = next(f"user-{i}" for i in range(1000)
                        if gov.resolve("tone", key=f"user-{i}", labels={"region": "eu"}).arm == "control")

@@ -368,7 +368,7 @@ def _run_timings(device, ns, ds, dtypes, variants, only, reps, deadline, log):
         itemsize = torch.tensor([], dtype=dtype).element_size()
         src = torch.empty(2 * N * D, dtype=dtype, device=device)
         dst = torch.empty_like(src)
-        copy_ms = timer.ms(lambda: dst.copy_(src))
+        copy_ms = timer.ms(lambda dst=dst, src=src: dst.copy_(src))  # bound now: both are deleted below
         del src, dst
         for variant in variants:
             key = (D, variant, dtype_name)
@@ -398,7 +398,7 @@ def _run_timings(device, ns, ds, dtypes, variants, only, reps, deadline, log):
                         log(f"  {name} {dtype_name} {variant} N={N} D={D}: WRONG {row['error']}")
                         rows.append(row)
                         continue
-                    ms = timer.ms(lambda: fn(xi, ri, w, bank, index))
+                    ms = timer.ms(lambda: fn(xi, ri, w, bank, index))  # noqa: F821 - runs before the del below
                 except Exception as exc:  # one failing implementation must not hide the others
                     row.update(ms=None, error=f"{type(exc).__name__}: {exc}"[:300])
                     rows.append(row)
@@ -417,7 +417,7 @@ def targets(rows) -> list:
     """The issue's GPU targets, read off the timing rows of ``backend=None`` (what apply() runs)."""
     def ms(variant, N, D=4096, dtype="bf16", impl="auto"):
         for r in rows:
-            if (r.get("impl"), r.get("variant"), r.get("N"), r.get("D"), r.get("dtype")) == (impl, variant, N, D, dtype):
+            if tuple(r.get(k) for k in ("impl", "variant", "N", "D", "dtype")) == (impl, variant, N, D, dtype):
                 return r
         return None
 

@@ -161,8 +161,9 @@ def run(clients: int = 6, requests: int = 20, new_tokens: int = 3, max_seconds: 
             k += 1
             name = rng.choice(list(SETS))
             p_i = rng.randrange(len(PROMPTS))
-            body = {"patch_set": name, "key": f"user-{rng.randrange(50)}", "labels": {"region": rng.choice(["eu", "us"])},
-                    "input_ids": PROMPTS[p_i], "max_new_tokens": new_tokens, "return_logits": True}
+            body = {"patch_set": name, "key": f"user-{rng.randrange(50)}",
+                    "labels": {"region": rng.choice(["eu", "us"])}, "input_ids": PROMPTS[p_i],
+                    "max_new_tokens": new_tokens, "return_logits": True}
             t0 = time.monotonic()
             try:
                 status, headers, out = _call(base + "/v1/generate", READER, body)

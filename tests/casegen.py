@@ -88,8 +88,8 @@ def make_case(N: int, D: int, dtype: torch.dtype, *, kind: Optional[str] = "stee
               index_mode: str = "none", norm: str = "rms", residual: bool = True, num_patches: int = 3,
               rank: int = 4, seed: int = 0, device="cpu", bank_dtype=torch.float32,
               metric: str = "cosine", fire: str = "above") -> Case:
-    """A random case. kind=None: no bank; "mix": kinds cycle over the bank. index_mode: "none" (index=None, one-patch bank),
-    "all_off" (all −1), "mixed" (random ids incl. −1 over ``num_patches`` patches)."""
+    """A random case. kind=None: no bank; "mix": kinds cycle over the bank. index_mode: "none" (index=None,
+    one-patch bank), "all_off" (all −1), "mixed" (random ids incl. −1 over ``num_patches`` patches)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(N, D, generator=gen, dtype=torch.float64).to(dtype)
     res = torch.randn(N, D, generator=gen, dtype=torch.float64).to(dtype) if residual else None
@@ -116,7 +116,10 @@ def make_case(N: int, D: int, dtype: torch.dtype, *, kind: Optional[str] = "stee
         elif index_mode != "none":
             raise ValueError(index_mode)
     dev = torch.device(device)
-    mv = (lambda t: None if t is None else t.to(dev))
+
+    def mv(t):
+        return None if t is None else t.to(dev)
+
     return Case(mv(x), mv(res), mv(weight), mv(bias), norm, 1e-6, None if bank is None else bank.to(dev),
                 mv(index))
 

@@ -27,10 +27,12 @@ def mixed_file(tmp_path, model):
     g = torch.Generator().manual_seed(0)
     mapping = {
         "layers.1.resid_post": fp.Steer(torch.randn(D, generator=g), 4.0),
-        "layers.0.resid_mid": fp.Scoped(fp.Gated(fp.LowRank(torch.randn(D, 3, generator=g), torch.randn(3, D, generator=g)),
-                                                 torch.randn(D, generator=g), 0.25), "f2+l1"),
-        "layers.0.resid_post": fp.PatchBank([fp.Ablate(torch.randn(D, generator=g)),
-                                             fp.compose(fp.Ablate(torch.randn(D, generator=g)), fp.Steer(torch.ones(D)))]),
+        "layers.0.resid_mid": fp.Scoped(
+            fp.Gated(fp.LowRank(torch.randn(D, 3, generator=g), torch.randn(3, D, generator=g)),
+                     torch.randn(D, generator=g), 0.25), "f2+l1"),
+        "layers.0.resid_post": fp.PatchBank([
+            fp.Ablate(torch.randn(D, generator=g)),
+            fp.compose(fp.Ablate(torch.randn(D, generator=g)), fp.Steer(torch.ones(D)))]),
     }
     return fp.save(mapping, tmp_path / "mixed.safetensors", model=model, name="mixed-set", version="2.1.0",
                    author="ada", description="a bit of everything")

@@ -43,13 +43,15 @@ def test_clamp_sets_projection():
 
 
 def test_lowrank_formula():
-    A, B, c = torch.randn(D, 3, dtype=torch.float64), torch.randn(3, D, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    A, B, c = torch.randn(D, 3, **f64), torch.randn(3, D, **f64), torch.randn(3, **f64)
     h = _h()
     torch.testing.assert_close(_patched(fp.LowRank(A, B, bias=c, scale=0.5), h), h + 0.5 * (h @ A + c) @ B)
 
 
 def test_loreft_formula():
-    R, W, b = torch.randn(2, D, dtype=torch.float64), torch.randn(2, D, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    R, W, b = torch.randn(2, D, **f64), torch.randn(2, D, **f64), torch.randn(2, **f64)
     h = _h()
     expected = h + (h @ W.T + b - h @ R.T) @ R
     torch.testing.assert_close(_patched(fp.LoReFT(R, W, b), h), expected)

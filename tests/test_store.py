@@ -143,19 +143,19 @@ def test_two_processes_share_one_store(tmp_path):
     SQLiteStore(root).close()
     procs = [_start_writer(tmp_path, root, "shared", s) for s in (11, 12)]
     lines = [[], []]
-    threads = [threading.Thread(target=_reader, args=(p, l), daemon=True) for p, l in zip(procs, lines)]
+    threads = [threading.Thread(target=_reader, args=(p, out), daemon=True) for p, out in zip(procs, lines)]
     for t in threads:
         t.start()
     # Progress conditions, not wall-clock budgets: the test goes on once both writers are up and each
     # has published a few versions, however loaded the machine is; the long bounds only stop a hang.
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not all(l and l[0][0] == "READY" for l in lines):
+    while time.monotonic() < deadline and not all(out and out[0][0] == "READY" for out in lines):
         time.sleep(0.005)
     reader = SQLiteStore(root)
     seen_generations = [reader.generation()]
 
     def publishes():
-        return [sum(1 for x in l if x[:2] == ["ACK", "publish"]) for l in lines]
+        return [sum(1 for x in out if x[:2] == ["ACK", "publish"]) for out in lines]
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and min(publishes()) < 5:
@@ -167,8 +167,8 @@ def test_two_processes_share_one_store(tmp_path):
     for t in threads:
         t.join(5)
     acked = [("publish" if x[1] == "publish" else x[1], "shared", x[2], x[3].strip() if len(x) > 3 else "")
-             for l in lines for x in l if x[0] == "ACK"]
-    by_writer = [sum(1 for x in l if x[:2] == ["ACK", "publish"]) for l in lines]
+             for out in lines for x in out if x[0] == "ACK"]
+    by_writer = [sum(1 for x in out if x[:2] == ["ACK", "publish"]) for out in lines]
     assert min(by_writer) > 0, (by_writer, [p.stderr.read()[-2000:] for p in procs])  # both really wrote
     n = _check_consistent(root, acked)
     assert n >= sum(by_writer) >= 2

@@ -15,33 +15,44 @@ def _bank(P=2, d=D):
     return fp.PatchBank([fp.Steer(torch.randn(d)) for _ in range(P)], d)
 
 
+def _idx(*values, dtype=None):
+    return torch.tensor(values, dtype=dtype)
+
+
+# Each case: the arguments that differ from a valid call (x [4, D], no residual, weight [D]).
+BAD_CALLS = [
+    (dict(residual=lambda: torch.randn(3, D)), ValueError, "residual shape"),
+    (dict(residual=lambda: torch.randn(4, D).half()), TypeError, "residual dtype"),
+    (dict(weight=lambda: torch.randn(D + 1)), ValueError, "weight must have shape"),
+    (dict(weight=lambda: torch.randn(D).half()), TypeError, "weight dtype"),
+    (dict(x=lambda: torch.randint(0, 5, (4, D))), TypeError, "x must be"),
+    (dict(norm=lambda: "batch"), ValueError, "norm must be"),
+    (dict(bias=lambda: torch.randn(D)), ValueError, "bias"),
+    (dict(eps=lambda: float("nan")), ValueError, "eps"),
+    (dict(bank=lambda: _bank(1, D + 2)), ValueError, "hidden_size"),
+    (dict(bank=lambda: _bank(2)), ValueError, "index is required"),
+    (dict(bank=lambda: _bank(2), index=lambda: _idx(0, 1, 2, 0)), ValueError, "index values"),
+    (dict(bank=lambda: _bank(2), index=lambda: _idx(0, -2, 1, 0)), ValueError, "index values"),
+    (dict(bank=lambda: _bank(2), index=lambda: _idx(0, 1, 1)), ValueError, "one entry per row"),
+    (dict(bank=lambda: _bank(2), index=lambda: _idx(0, 1, 1, 0, dtype=torch.float32)), TypeError, "int32 or int64"),
+    (dict(index=lambda: _idx(0, 1, 1, 0)), ValueError, "without a bank"),
+    (dict(bank=lambda: "steer"), TypeError, "PatchBank"),
+    (dict(bank=lambda: _bank(2), index=lambda: _idx(0, 1, 1, 0),
+          fire_counts=lambda: torch.zeros(2, dtype=torch.int64)), TypeError, "fire_counts"),
+    (dict(bank=lambda: _bank(2), index=lambda: _idx(0, 1, 1, 0),
+          fire_counts=lambda: torch.zeros(3, dtype=torch.int32)), ValueError, "fire_counts"),
+    (dict(out=lambda: torch.empty(4, D + 1)), ValueError, "out must match"),
+]
+
+
 @pytest.mark.parametrize("backend", ["reference", None])
-@pytest.mark.parametrize("call, exc, words", [
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), torch.randn(3, D), torch.randn(D), backend=b), ValueError, "residual shape"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), torch.randn(4, D).half(), torch.randn(D), backend=b), TypeError, "residual dtype"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D + 1), backend=b), ValueError, "weight must have shape"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D).half(), backend=b), TypeError, "weight dtype"),
-    (lambda b: fp.fused_add_norm(torch.randint(0, 5, (4, D)), None, torch.randn(D), backend=b), TypeError, "x must be"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), norm="batch", backend=b), ValueError, "norm must be"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), bias=torch.randn(D), backend=b), ValueError, "bias"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), eps=float("nan"), backend=b), ValueError, "eps"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), bank=_bank(1, D + 2), backend=b), ValueError, "hidden_size"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), bank=_bank(2), backend=b), ValueError, "index is required"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), bank=_bank(2), index=torch.tensor([0, 1, 2, 0]), backend=b), ValueError, "index values"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), bank=_bank(2), index=torch.tensor([0, -2, 1, 0]), backend=b), ValueError, "index values"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), bank=_bank(2), index=torch.tensor([0, 1, 1]), backend=b), ValueError, "one entry per row"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), bank=_bank(2), index=torch.tensor([0., 1, 1, 0]), backend=b), TypeError, "int32 or int64"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), index=torch.tensor([0, 1, 1, 0]), backend=b), ValueError, "without a bank"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), bank="steer", backend=b), TypeError, "PatchBank"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), bank=_bank(2), index=torch.tensor([0, 1, 1, 0]),
-                                 fire_counts=torch.zeros(2, dtype=torch.int64), backend=b), TypeError, "fire_counts"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), bank=_bank(2), index=torch.tensor([0, 1, 1, 0]),
-                                 fire_counts=torch.zeros(3, dtype=torch.int32), backend=b), ValueError, "fire_counts"),
-    (lambda b: fp.fused_add_norm(torch.randn(4, D), None, torch.randn(D), out=torch.empty(4, D + 1), backend=b), ValueError, "out must match"),
-])
-def test_bad_call_raises_clear_error(call, exc, words, backend):
+@pytest.mark.parametrize("changes, exc, words", BAD_CALLS)
+def test_bad_call_raises_clear_error(changes, exc, words, backend):
+    args = dict(x=lambda: torch.randn(4, D), residual=lambda: None, weight=lambda: torch.randn(D))
+    args.update(changes)
+    kwargs = {name: make() for name, make in args.items()}
     with pytest.raises(exc, match=words):
-        call(backend)
+        fp.fused_add_norm(kwargs.pop("x"), kwargs.pop("residual"), kwargs.pop("weight"), backend=backend, **kwargs)
 
 
 def test_unknown_backend():
