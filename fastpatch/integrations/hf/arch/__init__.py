@@ -1,7 +1,7 @@
 """One small spec per architecture family: where the residual adds and the norms after them live.
 
-A spec only names submodules; the fused forwards (``fastpatch/surgery/fused.py``) and the hooks
-(``fastpatch/hooks.py``) are generic over it, so a new llama-like family is a one-line addition.
+A spec only names submodules; the fused forwards (``fastpatch/integrations/hf/fused.py``) and the hooks
+(``fastpatch/integrations/hf/hooks.py``) are generic over it, so a new llama-like family is a one-line addition.
 """
 from __future__ import annotations
 
