@@ -1,6 +1,6 @@
 // Per-row maths shared by the C++ CPU kernels and the CUDA kernels (host and device), so the
 // CPU tests exercise the exact code the GPU runs for gate decisions and norm statistics.
-// Semantics are defined by fastpatch/reference.py; keep the two in step.
+// Semantics are defined by fastpatch/core/reference.py; keep the two in step.
 #pragma once
 
 #include <cmath>
@@ -13,7 +13,7 @@
 
 namespace fastpatch {
 
-// Mirrors fastpatch.patches.GATE_*.
+// Mirrors fastpatch.core.patches.GATE_*.
 enum GateMode : int {
   kGateNone = 0,
   kGateCosineAbove = 1,

@@ -1,4 +1,4 @@
-"""`fastpatch inspect` and `fastpatch convert` through fastpatch.cli.main (and once as a subprocess)."""
+"""`fastpatch inspect` and `fastpatch convert` through fastpatch.app.cli.main (and once as a subprocess)."""
 from __future__ import annotations
 
 import json

@@ -24,7 +24,7 @@ MODES = ("no_grad", "inference_mode", "autograd")
 
 
 def three_layer_model(arch: str, dtype=torch.float32):
-    """tests/models.tiny_model with 3 layers, so there is a middle one."""
+    """tiny_model (tests/models.py) with 3 layers, so there is a middle one."""
     return tiny_model(arch, dtype, num_layers=3)
 
 

@@ -3,8 +3,8 @@
 Layers (docs/architecture.md), lowest first; a module may import its own package and lower layers:
 
     core (0)  ->  kernels, files (1; peers, neither imports the other)  ->  integrations (2; each engine
-    its own package, none imports another)  ->  lifecycle (3)  ->  the public facade fastpatch/__init__
-    (3.5)  ->  app (4: the CLI and demos, clients of the public API)  ->  fastpatch/__main__ (5)
+    its own package, none imports another)  ->  lifecycle (3)  ->  the public facade fastpatch/__init__.py
+    (3.5)  ->  app (4: the CLI and demos, clients of the public API)  ->  fastpatch/__main__.py (5)
 
 Every import counts, the ones inside functions too: a lazy import is still a dependency.
 """

@@ -1,5 +1,5 @@
 // CPU kernel of fastpatch.fused_add_norm: residual add + activation patch + RMS/LayerNorm in one
-// pass over each row. Semantics: fastpatch/reference.py. Gate decisions and norm statistics go
+// pass over each row. Semantics: fastpatch/core/reference.py. Gate decisions and norm statistics go
 // through csrc/patch_math.h, the same helpers the CUDA kernels use.
 //
 // Per row (D elements, fp32 maths whatever the storage dtype):
@@ -625,7 +625,7 @@ void run_rows(const Problem& p) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// The op: checks (cheap; fastpatch.ops.check_inputs did the thorough ones), dtype dispatch.
+// The op: checks (cheap; fastpatch.kernels.checks.check_inputs did the thorough ones), dtype dispatch.
 
 const void* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr() : nullptr;
@@ -903,7 +903,7 @@ TORCH_LIBRARY_IMPL(fastpatch_cpp, CPU, m) {
 
 // The same function as a plain Python binding: calling a dispatcher op from Python costs ~4 µs
 // (boxing 18 arguments against the schema), a pybind11 call ~0.5 µs, and this op runs twice per
-// decoder layer per token. fastpatch/backends/cpp.py calls this in eager mode and the registered
+// decoder layer per token. fastpatch/kernels/backends/cpp.py calls this in eager mode and the registered
 // op above while torch.compile traces.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_norm", &fastpatch::cpu::fused_add_norm_cpu,

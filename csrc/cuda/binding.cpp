@@ -1,5 +1,5 @@
 // Torch binding of the CUDA kernels: argument checks, raw pointers, the current stream, one launch.
-// Built only where a CUDA torch exists (fastpatch/backends/cuda.py); the kernels and launchers
+// Built only where a CUDA torch exists (fastpatch/kernels/backends/cuda.py); the kernels and launchers
 // (kernels.cuh, launch.h) need no torch headers. c10/cuda headers only: ATen/cuda/CUDAContext.h
 // pulls cuSPARSE/cuBLAS headers we have no use for.
 #include <ATen/ATen.h>

@@ -1,6 +1,6 @@
 // Fused residual add + activation patch + RMSNorm/LayerNorm, one kernel family for every case.
 //
-// Per row (semantics: fastpatch/reference.py):
+// Per row (semantics: fastpatch/core/reference.py):
 //   pass 1  h = x + residual in fp32, kept in registers (kCache > 0) -- the only read of x/residual
 //           patched rows: gate statistics (h·ĉ, ‖h‖²) and z_r = h·down_r + bias_r, reduced over the
 //           row; z goes to shared memory, the gate decision stays in registers

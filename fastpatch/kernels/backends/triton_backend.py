@@ -1,9 +1,10 @@
-"""The Triton backend: fastpatch/triton_ops kernels on CUDA tensors, or on CPU under TRITON_INTERPRET=1.
+"""The Triton backend: fastpatch/kernels/triton_ops kernels on CUDA tensors, or on CPU under TRITON_INTERPRET=1.
 
 Eager calls launch the kernel directly (a custom op costs tens of µs per call in Python dispatch,
 too much for decode). Under torch.compile the launch goes through the custom op
 ``fastpatch::fused_add_norm_triton`` with a fake impl, so graphs and CUDA graphs trace through
-(``triton_op``/``wrap_triton`` fail on the interpreter, see shared/README).
+(a ``custom_op``, not ``torch.library.triton_op`` / ``wrap_triton``: those fail under TRITON_INTERPRET=1,
+the interpreter the CPU tests run the kernels with).
 """
 from __future__ import annotations
 
