@@ -2,7 +2,7 @@
 
 ``run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
 out, residual_out)``
-receives inputs already validated by :func:`fastpatch.kernels.ops.check_inputs` (contiguous 2-D
+receives inputs already validated by :func:`fastpatch.kernels.checks.check_inputs` (contiguous 2-D
 rows, ``index`` 1-D or None, ``norm_kind`` 0 = RMS, 1 = Layer) and returns ``(out, residual_out)``
 as [N, D] tensors in x's dtype: into ``out`` / ``residual_out`` when given (preallocated,
 contiguous, possibly aliasing x2d or residual2d), else newly allocated.
