@@ -13,8 +13,8 @@ from fastpatch.app.model_bench import BenchConfig, run_bench
 from models import tiny_model
 
 TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
-        "--vocab", "256", "--batch", "3", "--prompt-len", "8", "--new-tokens", "3", "--decode-block", "2", "--repeats", "2",
-        "--quiet"]
+        "--vocab", "256", "--batch", "3", "--prompt-len", "8", "--new-tokens", "3", "--decode-block", "2",
+        "--repeats", "2", "--quiet"]
 
 
 def test_bench_runs_all_variants_and_writes_files(tmp_path, capsys):

@@ -47,7 +47,7 @@ def test_run_demo_lifecycle_on_tiny_model(tmp_path):
     assert served["1.0.0"] == served["rollback"]
     # tenant-b has no patch: same text whatever the version
     assert served["1.0.0"]["tenant-b"] == served["swap"]["tenant-b"]
-    actions = [json.loads(l)["action"] for l in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    actions = [json.loads(line)["action"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert actions == ["publish", "publish", "attach", "enable", "activate", "rollback", "detach"]
     tel = out["lifecycle"]["telemetry"]
     # prompt forward + decode steps of tenant-a's row only: every row of that sequence fires.

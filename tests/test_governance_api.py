@@ -142,7 +142,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert out.startswith("tone") and "stable=1.0.0" in out
     code, out = run("audit")
     lines = out.strip().splitlines()
-    assert len(lines) == 10 and all(" carol " in l for l in lines)
+    assert len(lines) == 10 and all(" carol " in line for line in lines)
     assert run("alerts")[1] == "(no alerts)\n"
     code, out = run("publish", "tone", "bad", "--patch", f"p={f1}")
     assert code == 2 and "semantic version" in out

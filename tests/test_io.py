@@ -189,8 +189,9 @@ def test_load_checks_against_a_fingerprint_dict(tmp_path, model):
 def _saved(tmp_path, model):
     g = torch.Generator().manual_seed(3)
     mapping = {"layers.0.resid_post": fp.Steer(torch.randn(D, generator=g), 2.0),
-               "layers.1.resid_mid": fp.Gated(fp.LowRank(torch.randn(D, 2, generator=g), torch.randn(2, D, generator=g)),
-                                              torch.randn(D, generator=g), 0.2)}
+               "layers.1.resid_mid": fp.Gated(
+                   fp.LowRank(torch.randn(D, 2, generator=g), torch.randn(2, D, generator=g)),
+                   torch.randn(D, generator=g), 0.2)}
     return fp.save(mapping, tmp_path / "good.safetensors", model=model, name="good", version="1.0.0")
 
 

@@ -215,7 +215,7 @@ def test_record_matches_fused_sites():
 def test_patched_context_and_none_sites():
     model = llama()
     ref = forward(model, input_ids=X)
-    with fp.patched(model, {f"layers.{i}.resid_post": None for i in range(2)}) as h:
+    with fp.patched(model, {f"layers.{i}.resid_post": None for i in range(2)}):
         assert_close(forward(model, input_ids=X), ref, 1e-5, "None sites")
     assert untouched(model)
     assert torch.equal(forward(model, input_ids=X), ref)

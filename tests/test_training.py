@@ -166,7 +166,7 @@ def test_op_matches_kernel_forward_and_counts_fires():
 def test_gradcheck_float64():
     """torch.autograd.gradcheck of the hand-written backward (float64, reference norm, small shapes)."""
     g = torch.Generator().manual_seed(5)
-    N, D, P = 6, 5, 3
+    N, D = 6, 5
     cond = torch.randn(D, generator=g, dtype=torch.float64)
     x = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)
     r = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)

@@ -41,7 +41,8 @@ class Scope:
             return Scope(text)
         m = _EDGES.match(text)
         if not text or not m or (m.group(1) is None and m.group(2) is None):
-            raise ValueError(f"unknown scope {value!r}: use 'all', 'prompt', 'generated' or 'f{{p}}+l{{s}}' (e.g. 'f3+l2')")
+            raise ValueError(f"unknown scope {value!r}: use 'all', 'prompt', 'generated' or "
+                             "'f{p}+l{s}' (e.g. 'f3+l2')")
         return Scope("edges", int(m.group(1) or 0), int(m.group(2) or 0))
 
     def __str__(self) -> str:
