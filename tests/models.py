@@ -16,7 +16,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2",
+         # pre-LN families of issue #18: one case each in tests/test_arch_oracle.py, the grid slow
+         "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "granite", "stablelm", "starcoder2", "olmo")
 FAST_ARCHS = ("llama", "gemma", "gemma2", "gpt2")  # one per fused family; the rest are marked slow
 
 
@@ -44,6 +46,25 @@ def tiny_config(arch: str):
         return _common(tf.Gemma2Config, head_dim=16, sliding_window=64, query_pre_attn_scalar=16)
     if arch == "gemma3":
         return _common(tf.Gemma3TextConfig, head_dim=16, sliding_window=64, query_pre_attn_scalar=16)
+    if arch == "phi3":  # its default pad/eos ids (32000) lie outside the tiny vocabulary
+        return _common(tf.Phi3Config, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "qwen2_moe":  # 4 experts, top-2, plus the shared expert, MoE in every layer
+        return _common(tf.Qwen2MoeConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=64, decoder_sparse_step=1)
+    if arch == "qwen3_moe":
+        return _common(tf.Qwen3MoeConfig, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, decoder_sparse_step=1)
+    if arch == "mixtral":
+        return _common(tf.MixtralConfig, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    if arch == "granite":  # multipliers away from 1 so that each of them matters
+        return _common(tf.GraniteConfig, residual_multiplier=0.5, embedding_multiplier=2.0,
+                       attention_multiplier=0.25, logits_scaling=2.0)
+    if arch == "stablelm":  # the sequential block (use_parallel_residual=False, the default)
+        return _common(tf.StableLmConfig, use_parallel_residual=False)
+    if arch == "starcoder2":
+        return _common(tf.Starcoder2Config, sliding_window=None, bos_token_id=1, eos_token_id=2)
+    if arch == "olmo":
+        return _common(tf.OlmoConfig, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     if arch == "bert":

@@ -4,9 +4,9 @@ attributes, so ``remove()`` deletes them and the class forward is back), tensor 
 Pre-LN blocks (Llama-like, Gemma, Gemma2/3, GPT-2), layer ``i``::
 
     normed, h = stash or fused(h_in, None, ln1, bank=resid_pre.0 if i == 0)
-    a = attn(normed, **kwargs) [post_attn_norm]
+    a = attn(normed, **kwargs) [post_attn_norm] [dropout] [* residual_multiplier]
     normed2, h = fused(a, h, ln2, bank=resid_mid.i)          # add + patch + norm, one kernel
-    m = mlp(normed2) [post_mlp_norm]
+    m = mlp(normed2) [post_mlp_norm] [dropout] [* residual_multiplier]
     next_normed, h = fused(m, h, next norm, bank=resid_post.i) # next layer's ln1 or the final norm
     stash (h, next_normed); return h
 
@@ -47,13 +47,15 @@ from .engine import Engine, kwargs_of, param_names
 class _Norm:
     """A norm module's parameters as the kernel takes them (read at call time: robust to reloads)."""
 
-    __slots__ = ("module", "eps", "kind", "offset", "has_bias")
+    __slots__ = ("module", "eps", "kind", "offset", "has_weight", "has_bias")
 
-    def __init__(self, module, kind: str, offset: float):
+    def __init__(self, module, kind: str, offset: float, eps=None):
         self.module = module
-        self.eps = norm_eps(module)
+        self.eps = norm_eps(module, eps)
         self.kind = NORM_KINDS[kind]
         self.offset = float(offset)
+        # OLMo's LayerNorm has no parameters at all: the kernels take weight=None as "no affine"
+        self.has_weight = getattr(module, "weight", None) is not None
         self.has_bias = kind == "layer" and getattr(module, "bias", None) is not None
 
 
@@ -63,13 +65,14 @@ def run_norm(run, x2, r2, norm: _Norm, slot):
     records and the stream, the norm's parameters or the bank require grad. ``slot`` is a step slot or
     None. Fire counts are not counted again while a checkpointed layer is recomputed."""
     mod = norm.module
+    w = mod.weight if norm.has_weight else None
     b = mod.bias if norm.has_bias else None
     bank, index, fire = (None, None, None) if slot is None else slot[:3]
-    if _autograd.needs_grad(x2, r2, mod.weight, b, bank):
+    if _autograd.needs_grad(x2, r2, w, b, bank):
         if fire is not None and recomputing():
             fire = None
-        return _autograd.run(run, x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, bank, index, fire)
-    return run(x2, r2, mod.weight, b, norm.eps, norm.kind, norm.offset, bank, index, fire, None, None)
+        return _autograd.run(run, x2, r2, w, b, norm.eps, norm.kind, norm.offset, bank, index, fire)
+    return run(x2, r2, w, b, norm.eps, norm.kind, norm.offset, bank, index, fire, None, None)
 
 
 _GLOBAL_HOOKS = (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks)
@@ -140,15 +143,17 @@ def _install_pre(engine: Engine, impl) -> list:
     info, spec = engine.info, engine.info.spec
     layers = info.layers
     L = len(layers)
-    kind, offset = spec.norm, spec.weight_offset
-    ln1 = [_Norm(get_path(b, spec.ln1), kind, offset) for b in layers]
-    ln2 = [_Norm(get_path(b, spec.ln2), kind, offset) for b in layers]
+    kind, offset, eps = spec.norm, spec.weight_offset, spec.norm_eps
+    ln1 = [_Norm(get_path(b, spec.ln1), kind, offset, eps) for b in layers]
+    ln2 = [_Norm(get_path(b, spec.ln2), kind, offset, eps) for b in layers]
     final_mod = info.final_norm()
-    final = _Norm(final_mod, kind, offset) if final_mod is not None else None
+    final = _Norm(final_mod, kind, offset, eps) if final_mod is not None else None
     targets = list(layers) + ([final_mod] if final_mod is not None else [])
     check_installable(targets)
     run = impl.run
     drop = spec.drop_attn_kwargs
+    allow = None if spec.attn_kwargs is None else frozenset(spec.attn_kwargs)
+    mult_attr = spec.residual_multiplier
     tls = engine._tls
     current = engine.current
 
@@ -175,6 +180,8 @@ def _install_pre(engine: Engine, impl) -> list:
         mlp = get_path(block, spec.mlp)
         pan = get_path(block, spec.post_attn_norm) if spec.post_attn_norm else None
         pmn = get_path(block, spec.post_mlp_norm) if spec.post_mlp_norm else None
+        adrop = get_path(block, spec.attn_dropout) if spec.attn_dropout else None
+        mdrop = get_path(block, spec.mlp_dropout) if spec.mlp_dropout else None
         n1, n2 = ln1[i], ln2[i]
         nxt = ln1[i + 1] if i + 1 < L else final
         # What runs between this layer's return and the next consumer of the stash: this block's
@@ -230,17 +237,30 @@ def _install_pre(engine: Engine, impl) -> list:
             if drop:
                 for k in drop:
                     kwargs.pop(k, None)
+            if allow is not None:
+                kwargs = {k: v for k, v in kwargs.items() if k in allow}
             a = attn(normed, **kwargs)
             if type(a) is tuple:
                 a = a[0]
             if pan is not None:
                 a = pan(a)
+            if adrop is not None:
+                a = adrop(a)
+            # Granite: HF computes ``residual + a * m`` (the product rounded in the model's dtype, then
+            # the add); pre-scaling here and adding in the kernel is the same arithmetic.
+            mult = getattr(block, mult_attr) if mult_attr is not None else None
+            if mult is not None:
+                a = a * mult
             normed, h = site(step, plan.mid_slot[i], a, h, n2)
             if step.pending is not None:
                 engine.decide(step, mid_key, h)
             m = mlp(normed)
             if pmn is not None:
                 m = pmn(m)
+            if mdrop is not None:
+                m = mdrop(m)
+            if mult is not None:
+                m = m * mult
             if nxt is None:  # no final norm: plain add + patch, discard the norm output
                 _, h = site(step, plan.post_slot[i], m, h, n1, use_norm=False)
                 normed = None

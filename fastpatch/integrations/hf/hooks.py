@@ -25,7 +25,7 @@ from .handle import MARK, Handle, check_not_patched, install_step_hooks
 from .arch import ArchSpec, get_path
 from .engine import Engine, build_plan
 from ...core.sites import parse_site
-from .model_sites import ModelInfo, UnsupportedModelError, find_spec, model_info, unwrap
+from .model_sites import ModelInfo, UnsupportedModelError, config_mismatch, find_spec, model_info, unwrap
 
 __all__ = ["apply", "patched", "record", "HooksHandle"]
 
@@ -38,7 +38,8 @@ class HooksHandle(Handle):
 
 def _info(model) -> ModelInfo:
     """The model's info; for unsupported architectures a generic pre-LN guess (layers + attention)."""
-    if find_spec(model) is not None:
+    spec = find_spec(model)
+    if spec is not None and config_mismatch(spec, model) is None:
         return model_info(model)
     base = getattr(model, "base_model", model)
     for path in _GENERIC_LAYER_PATHS:
@@ -79,6 +80,17 @@ def patch_rows(step, slot: int, h: torch.Tensor) -> torch.Tensor:
         if fire is not None:
             fire[k] += (sel & cp.fires(flat)).sum().to(fire.dtype)
     return out.view(shape)
+
+
+def branch_path(spec: ArchSpec) -> str:
+    """The module whose output the layer adds to the residual for ``resid_mid``: Gemma2/3's post-attention
+    norm, Phi-3's attention dropout, else the attention itself."""
+    return spec.post_attn_norm or spec.attn_dropout or spec.attn
+
+
+def branch_scale(block, spec: ArchSpec):
+    """The factor the layer multiplies that branch by before its add (Granite), or None."""
+    return getattr(block, spec.residual_multiplier) if spec.residual_multiplier else None
 
 
 def _first_arg(args, kwargs, name="hidden_states"):
@@ -141,7 +153,7 @@ def _install(handle: Handle) -> None:
             step.res[i] = _first_arg(args, kwargs)
             return None
 
-        def branch(module, args, output, i=i):
+        def branch(module, args, output, i=i, block=block):
             step = step_now()
             slot = step.plan.mid_slot[i]
             decide = step.pending is not None and ("mid", i) in step.plan.cond_keys
@@ -149,13 +161,15 @@ def _install(handle: Handle) -> None:
                 return None
             a = output[0] if isinstance(output, tuple) else output
             r = step.res[i]
-            h = r + a
+            mult = branch_scale(block, spec)
+            h = r + a if mult is None else r + a * mult
             h2 = patch_rows(step, slot, h)
             if decide:
                 engine.decide(step, ("mid", i), h2)
             if h2 is h:
                 return None
-            a2 = h2 - r
+            # the layer adds ``a2 * mult`` (Granite): dividing back costs one more rounding
+            a2 = h2 - r if mult is None else (h2 - r) / mult
             return (a2,) + tuple(output[1:]) if isinstance(output, tuple) else a2
 
         def post(module, args, output, i=i):
@@ -169,7 +183,7 @@ def _install(handle: Handle) -> None:
             return (h2,) + tuple(output[1:]) if isinstance(output, tuple) else h2
 
         hooks.append(block.register_forward_pre_hook(keep, with_kwargs=True))
-        branch_mod = get_path(block, spec.post_attn_norm or spec.attn)
+        branch_mod = get_path(block, branch_path(spec))
         hooks.append(branch_mod.register_forward_hook(branch))
         hooks.append(block.register_forward_hook(post))
 
@@ -243,13 +257,15 @@ def record(model, sites: Iterable[str], *, detach: bool = True):
                 def keep(m, args, kwargs, i=i):
                     res[i] = _first_arg(args, kwargs)
 
-                def branch(m, args, out, i=i, names=names):
-                    a = out[0] if isinstance(out, tuple) else out
-                    put(names, res[i] + a)
-
                 block = info.layers[i]
+
+                def branch(m, args, out, i=i, names=names, block=block):
+                    a = out[0] if isinstance(out, tuple) else out
+                    mult = branch_scale(block, spec)
+                    put(names, res[i] + a if mult is None else res[i] + a * mult)
+
                 handles.append(block.register_forward_pre_hook(keep, with_kwargs=True, prepend=False))
-                handles.append(get_path(block, spec.post_attn_norm or spec.attn).register_forward_hook(branch))
+                handles.append(get_path(block, branch_path(spec)).register_forward_hook(branch))
         yield acts
     finally:
         for h in handles:

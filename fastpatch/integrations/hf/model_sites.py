@@ -16,9 +16,14 @@ from .arch import ArchSpec, get_path
 from .arch import bert as _bert
 from .arch import gemma as _gemma
 from .arch import gpt2 as _gpt2
+from .arch import granite as _granite
+from .arch import layernorm as _layernorm
 from .arch import llama as _llama
+from .arch import moe as _moe
+from .arch import phi3 as _phi3
 
-SPECS: tuple = (_llama.SPEC, _gemma.GEMMA, _gemma.GEMMA2, _gpt2.SPEC, _bert.SPEC)
+SPECS: tuple = (_llama.SPEC, _gemma.GEMMA, _gemma.GEMMA2, _gpt2.SPEC, _bert.SPEC,
+                _phi3.SPEC, _moe.SPEC, _granite.SPEC, _layernorm.STABLELM, _layernorm.STARCODER2, _layernorm.OLMO)
 SUPPORTED_MODEL_TYPES = tuple(t for s in SPECS for t in s.model_types)
 
 
@@ -61,6 +66,17 @@ def find_spec(model) -> Optional[ArchSpec]:
     return None
 
 
+def config_mismatch(spec: ArchSpec, model) -> Optional[str]:
+    """``"attr=value: why"`` for the first ``spec.config_requires`` entry the model's config breaks, else None
+    (the hooks path then treats the model as an unknown architecture instead of refusing it)."""
+    config = getattr(model, "config", None)
+    for attr, want, why in spec.config_requires:
+        got = getattr(config, attr, want)
+        if got != want:
+            return f"{attr}={got!r}: {why}"
+    return None
+
+
 def model_info(model, spec: Optional[ArchSpec] = None) -> ModelInfo:
     """The architecture spec and the parts of ``model`` surgery needs; raises UnsupportedModelError."""
     if not isinstance(model, torch.nn.Module):
@@ -72,6 +88,11 @@ def model_info(model, spec: Optional[ArchSpec] = None) -> ModelInfo:
             f"fastpatch surgery does not support model_type {model_type!r} ({type(model).__name__}); "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Use fallback='hooks' (or fastpatch.hooks.apply) "
             "for other architectures")
+    mismatch = config_mismatch(spec, model)
+    if mismatch is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type {model_type!r}) has {mismatch}. Use fallback='hooks' (or "
+            "fastpatch.hooks.apply) for resid_pre / resid_post sites")
     base = getattr(model, "base_model", model)
     try:
         layers = list(get_path(base, spec.layers))
@@ -110,5 +131,5 @@ def _required_parts(spec: ArchSpec) -> list:
     if spec.style == "post":
         return [spec.mid_output + ".LayerNorm", spec.post_output + ".LayerNorm"]
     parts = [spec.ln1, spec.attn, spec.ln2, spec.mlp]
-    parts += [p for p in (spec.post_attn_norm, spec.post_mlp_norm) if p]
+    parts += [p for p in (spec.post_attn_norm, spec.post_mlp_norm, spec.attn_dropout, spec.mlp_dropout) if p]
     return parts

@@ -26,6 +26,21 @@ class ArchSpec:
     mlp: str = "mlp"
     post_mlp_norm: Optional[str] = None  # Gemma2/3: norm on the MLP output before the add
     drop_attn_kwargs: tuple = ()  # block kwargs the attention must not receive
+    # Only these block kwargs reach the attention (StableLM's layer passes a fixed set and drops the
+    # rest, e.g. flash-attention kwargs); None = all of them (less drop_attn_kwargs).
+    attn_kwargs: Optional[tuple] = None
+    # Dropout modules on the attention / MLP output right before its add (Phi-3's resid_*_dropout,
+    # StableLM's dropout): identity in eval, but the fused block must apply them where training does.
+    attn_dropout: Optional[str] = None
+    mlp_dropout: Optional[str] = None
+    # Name of a block attribute that scales each branch before its add (Granite:
+    # ``residual + branch * residual_multiplier``); the fused block pre-scales the branch in torch.
+    residual_multiplier: Optional[str] = None
+    # The norms' epsilon when the module does not store it (OLMo's weightless LayerNorm hard-codes 1e-5).
+    norm_eps: Optional[float] = None
+    # (config attribute, required value, why): model_info refuses a config of this family that differs
+    # (StableLM's use_parallel_residual=True is a parallel-attention block, not this pre-LN one).
+    config_requires: tuple = ()
     # post-LN (BERT) parts, relative to a block
     mid_output: str = "attention.output"  # module whose forward(h, input_tensor) adds + norms
     post_output: str = "output"
@@ -40,9 +55,11 @@ def get_path(root, path: str):
     return obj
 
 
-def norm_eps(module) -> float:
+def norm_eps(module, default: Optional[float] = None) -> float:
     for name in ("variance_epsilon", "eps", "epsilon"):
         value = getattr(module, name, None)
         if isinstance(value, (int, float)):
             return float(value)
+    if default is not None:  # the spec's norm_eps: the module hard-codes it in its forward
+        return float(default)
     raise TypeError(f"cannot find the epsilon of norm module {type(module).__name__}")
