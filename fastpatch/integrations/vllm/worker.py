@@ -17,7 +17,7 @@ from . import config as cfg
 from ...core.sites import site_name
 from .checkpoint import model_fingerprint
 from .compat import refuse
-from .model import decoder, install, installed_site, norm_for
+from .model import decoder, install, installed_sites
 from .slots import SlotTable, file_digest, read_patches
 
 logger = logging.getLogger("fastpatch.vllm")
@@ -28,17 +28,21 @@ class WorkerState:
 
     def __init__(self, runner, conf: cfg.PluginConfig):
         model = runner.get_model()
-        layers, _, _ = decoder(model)
+        dec = decoder(model)
         hf = runner.model_config.hf_config
-        self.num_layers = len(layers)
+        self.num_layers = len(dec.layers)
         self.hidden_size = int(getattr(hf, "hidden_size"))
         self.fingerprint = model_fingerprint(runner.model_config)
         self.conf = conf
         declared = {name: read_patches(path, self.fingerprint, self.num_layers, conf.force)
                     for name, path in conf.patches.items()}
         param = next(model.parameters())
+        # "all" means the sites this model has: a parallel block (GPT-NeoX) has no resid_mid.
+        sites = dec.site_names() if conf.sites == "all" else conf.sites
+        for key in {k for patches in declared.values() for k in patches}:
+            dec.check_key(key)  # a declared resid_mid on a parallel block: refused, naming the sites it has
         self.table = SlotTable(declared, hidden_size=self.hidden_size, num_layers=self.num_layers,
-                               capacity=conf.capacity, max_rank=conf.max_rank, sites=conf.sites,
+                               capacity=conf.capacity, max_rank=conf.max_rank, sites=sites,
                                dtype=param.dtype, device=param.device)
         n = int(runner.max_num_tokens)
         self.index = torch.full((n,), -1, dtype=torch.int32, device=param.device)
@@ -107,14 +111,18 @@ def _where(model, norm, key) -> str:
     return f"site {site_name(key)} (module {names.get(id(norm), '?')}, {type(norm).__name__})"
 
 
+def _what(dec) -> str:
+    return "patch hook" if dec.layout.form == "hooks" else "patched norm"
+
+
 def check_installed(model, banks: dict) -> None:
-    """Every site with a bank must run fastpatch's forward on its norm, else the engine does not start
-    (an install that attached nowhere would serve every patched request unpatched)."""
-    layers, final_norm, _ = decoder(model)
+    """Every site with a bank must run fastpatch's forward on its norm (or its hook), else the engine does
+    not start (an install that attached nowhere would serve every patched request unpatched)."""
+    dec = decoder(model)
     for key in sorted(banks):
-        norm = norm_for(layers, final_norm, key)
-        if installed_site(norm) != key:
-            raise refuse(f"the patched norm is not installed at {_where(model, norm, key)}")
+        module = dec.module_for(key)
+        if key not in installed_sites(module):
+            raise refuse(f"the {_what(dec)} is not installed at {_where(model, module, key)}")
 
 
 # Start-up self-test tolerances: max |error| <= TOL * (1 + max |reference|). A kernel that drops or
@@ -133,10 +141,15 @@ def self_test(model, banks: dict, index: torch.Tensor, mode: str) -> float:
     from ...core.reference import fused_add_norm
     from .slots import _write_row
 
-    layers, final_norm, offset = decoder(model)
+    dec = decoder(model)
+    offset = dec.offset
     key = sorted(banks)[0]
     bank = banks[key]
-    norm = norm_for(layers, final_norm, key)
+    norm = dec.module_for(key)
+    hooks = dec.layout.form == "hooks"
+    # The sum is the norm's input (written back in place) at layer 0's resid_pre, in the inplace form
+    # (Granite) and in the hooks form: no residual argument there.
+    no_residual = key[0] == "pre" or dec.layout.form != "fused"
     d, rank = bank.hidden_size, bank.down.shape[1]
     slot = bank.num_patches - 1  # the last slot: a spare one when the engine has spares
     t = torch.linspace(-1.0, 1.0, d, dtype=torch.float64)
@@ -151,12 +164,13 @@ def self_test(model, banks: dict, index: torch.Tensor, mode: str) -> float:
         logger.warning("fastpatch: %s has neither a shift nor a low-rank part; the start-up self-test only "
                        "checked that its patched forward is installed", site_name(key))
         return 0.0
-    w = norm.weight
+    w = torch.ones(d, dtype=bank.dtype, device=bank.down.device) if hooks else norm.weight
     n = 2
     x = (torch.sin(torch.arange(n * d, dtype=torch.float64) * 0.37).view(n, d) * 2).to(w.device, w.dtype)
-    res = None if key[0] == "pre" else torch.cos(torch.arange(n * d, dtype=torch.float64) * 0.11).view(n, d).to(
+    res = None if no_residual else torch.cos(torch.arange(n * d, dtype=torch.float64) * 0.11).view(n, d).to(
         w.device, w.dtype)
-    ref_out, ref_h = fused_add_norm(x, res, w, eps=float(norm.variance_epsilon), norm="rms",
+    eps = 1e-6 if hooks else float(norm.variance_epsilon)
+    ref_out, ref_h = fused_add_norm(x, res, w, eps=eps, norm="rms",
                                     bank=PatchBank([known], d), index=torch.tensor([0, -1]),
                                     weight_offset=offset, exact=True)
     saved_row = {f: getattr(bank, f)[slot].clone() for f in _ROW_FIELDS}
@@ -166,7 +180,12 @@ def self_test(model, banks: dict, index: torch.Tensor, mode: str) -> float:
         _write_row(bank, slot, known)
         index[:n] = torch.tensor([slot, -1], dtype=index.dtype, device=index.device)
         xin = x.clone()
-        if res is None:  # layer 0's input norm: the patched embeddings are written back into x
+        if hooks:  # the installed hook itself, as the layer would call it; it patches xin in place
+            hook = next(h for h in (*norm._forward_hooks.values(), *norm._forward_pre_hooks.values())
+                        if getattr(h, "_fastpatch_site", None) == key)
+            hook(norm, (xin,), {}, xin) if key[0] == "post" else hook(norm, (xin,), {})
+            out, summed = None, xin
+        elif res is None:  # a norm called on the stream alone: the patched stream is written back into x
             out = norm.forward(xin)
             summed = xin
         else:
@@ -176,10 +195,12 @@ def self_test(model, banks: dict, index: torch.Tensor, mode: str) -> float:
             getattr(bank, f)[slot].copy_(v)
         bank.canonical_patches[slot] = saved_canon
         index[:n].copy_(saved_index)
-    err = max(float((summed.double().cpu() - ref_h).abs().max()), float((out.double().cpu() - ref_out).abs().max()))
+    err = float((summed.double().cpu() - ref_h).abs().max())
+    if out is not None:  # a hook has no norm output: only the patched stream
+        err = max(err, float((out.double().cpu() - ref_out).abs().max()))
     tol = _SELF_TEST_TOL.get(w.dtype, 4e-2) * (1.0 + float(ref_out.abs().max()) + float(ref_h.abs().max()))
     if not err <= tol:  # also catches NaN
-        raise refuse(f"the patched norm at {_where(model, norm, key)} failed its start-up self-test (norm={mode!r}): "
+        raise refuse(f"the {_what(dec)} at {_where(model, norm, key)} failed its start-up self-test (norm={mode!r}): "
                      f"max |error| {err:.3g} against fastpatch.core.reference for a known patch in slot {slot}, "
                      f"tolerance {tol:.3g}")
     logger.info("fastpatch: start-up self-test at %s passed (max |error| %.3g)", site_name(key), err)
