@@ -7,3 +7,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+# A real PostgreSQL server for the store tests (skipped with the reason when it is not installed).
+from pg_fixture import pg_server, pg_url  # noqa: E402,F401

@@ -7,7 +7,8 @@ from .governance import Choice, Governance
 from .policy import PolicyViolation
 from .registry import Registry
 from .serving import Served, Serving
-from .store import SQLiteStore, Store, StoreError
+from .pg_store import PostgresStore
+from .store import SQLiteStore, Store, StoreError, open_store
 
 __all__ = ["collect", "evaluate", "fit", "Registry", "Choice", "Governance", "PolicyViolation", "Served",
-           "Serving", "SQLiteStore", "Store", "StoreError"]
+           "Serving", "SQLiteStore", "PostgresStore", "Store", "StoreError", "open_store"]

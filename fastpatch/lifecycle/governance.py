@@ -142,8 +142,11 @@ class Governance:
         out = {}
         for pname, digest in rec["blobs"].items():
             if digest not in self._loaded:
-                self.store.get_blob(digest)  # verifies the content hash
-                self._loaded[digest] = patch_file.load(self.store.blob_path(digest))
+                data = self.store.get_blob(digest)  # verifies the content hash; a file or a database row
+                with tempfile.TemporaryDirectory() as tmp:  # the bytes just verified are the bytes loaded
+                    path = Path(tmp) / f"blob-{digest[:12]}.safetensors"
+                    path.write_bytes(data)
+                    self._loaded[digest] = patch_file.load(path)
             out[pname] = self._loaded[digest]
         return out
 

@@ -72,9 +72,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def put_blob(self, data: bytes) -> str: ...
     @abc.abstractmethod
-    def blob_path(self, digest: str) -> Path: ...
-    @abc.abstractmethod
-    def get_blob(self, digest: str) -> bytes: ...
+    def get_blob(self, digest: str) -> bytes:
+        """The blob's bytes, verified against ``digest`` (StoreError if missing or corrupted)."""
+
+    def blob_path(self, digest: str) -> Path:
+        """Where a file-backed store keeps a blob (a database-backed store has no such path)."""
+        _check_digest(digest)
+        raise StoreError(f"{type(self).__name__} keeps patch files in its database, not as files; read them "
+                         "with get_blob(digest)")
 
     # patch sets and versions
     @abc.abstractmethod
@@ -117,8 +122,37 @@ class Store(abc.ABC):
         """Everything serving needs, read consistently (one read transaction): {"generation": g,
         "sets": {name: {"policy", "rollout", "versions": {version: record}}}}."""
 
+    def wait_for_change(self, after: int, timeout_s: float) -> int:
+        """Block until :meth:`generation` exceeds ``after`` or ``timeout_s`` passed; returns the generation.
+        This default polls; :class:`~.pg_store.PostgresStore` is woken by NOTIFY instead."""
+        deadline = time.monotonic() + float(timeout_s)
+        while True:
+            gen = self.generation()
+            if gen > after or time.monotonic() >= deadline:
+                return gen
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
     def close(self) -> None:
         pass
+
+
+_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_store(target, *, create: bool = True) -> Store:
+    """The store a ``--store`` value names: ``postgresql://user:pw@host:port/db`` (or ``postgres://``) opens a
+    :class:`~.pg_store.PostgresStore`; anything else is a directory for a :class:`SQLiteStore`.
+    ``create=False`` opens an existing store only (:class:`StoreNotFound` otherwise, nothing created)."""
+    text = str(target)
+    if text.startswith(_URL_SCHEMES):
+        from .pg_store import PostgresStore
+
+        return PostgresStore(text, create=create)
+    scheme = text.split("://", 1)[0] if "://" in text else None
+    if scheme is not None and "/" not in scheme:
+        raise StoreError(f"unknown store URL scheme {scheme!r} in {text!r}: give a directory (SQLite store) or a "
+                         "postgresql://user@host:port/dbname URL")
+    return SQLiteStore(text, create=create)
 
 
 _SCHEMA = """
@@ -233,8 +267,11 @@ class SQLiteStore(Store):
             raise TypeError(f"a blob is bytes, got {type(data).__name__}")
         digest = hashlib.sha256(data).hexdigest()
         path = self.blob_path(digest)
-        if path.exists() and path.stat().st_size == len(data):
-            return digest
+        try:  # already stored intact: nothing to write (a corrupted copy is replaced below)
+            if path.stat().st_size == len(data) and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                return digest
+        except FileNotFoundError:
+            pass
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
         with open(tmp, "wb") as f:

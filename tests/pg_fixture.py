@@ -1,0 +1,118 @@
+"""A real PostgreSQL server for the tests: ``initdb`` into a temporary directory, ``pg_ctl start`` listening on
+a unix socket in that directory only (no TCP port), one fresh database per test, stopped at the end of the
+session. Never a mock.
+
+Needs the server binaries (Debian: ``apt-get install -y postgresql``, found under
+``/usr/lib/postgresql/*/bin``; or ``initdb`` on PATH, or ``$FASTPATCH_PG_BIN``) and psycopg 3
+(``pip install "psycopg[binary]"``); without them the tests that use ``pg_url`` are skipped with the
+reason. PostgreSQL refuses to run as root: as root the server runs as the ``postgres`` system user
+(``runuser``), with its directories chowned to it.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+
+def _bin_dir():
+    env = os.environ.get("FASTPATCH_PG_BIN")
+    candidates = [env] if env else []
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True)
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(str(Path(on_path).parent))
+    for d in candidates:
+        if d and (Path(d) / "initdb").is_file() and (Path(d) / "pg_ctl").is_file():
+            return Path(d)
+    return None
+
+
+class PgServer:
+    def __init__(self, bin_dir: Path, base: Path, as_user):
+        self.bin, self.base, self.as_user = bin_dir, base, as_user
+        self.data, self.sock, self.log = base / "data", base / "sock", base / "server.log"
+
+    def _cmd(self, *argv):
+        argv = [str(a) for a in argv]
+        return (["runuser", "-u", self.as_user, "--"] + argv) if self.as_user else argv
+
+    def run(self, *argv, timeout=120):
+        return subprocess.run(self._cmd(*argv), capture_output=True, text=True, timeout=timeout)
+
+    def init(self):
+        r = self.run(self.bin / "initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                     "--no-instructions")
+        if r.returncode:
+            raise RuntimeError(f"initdb failed ({r.returncode}): {r.stderr[-2000:]}")
+
+    def start(self):
+        opts = (f"-c listen_addresses='' -c unix_socket_directories='{self.sock}' -c max_connections=200 "
+                "-c shared_buffers=32MB")
+        r = self.run(self.bin / "pg_ctl", "-D", self.data, "-l", self.log, "-o", opts, "-w", "-t", "120", "start")
+        if r.returncode:
+            log = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"pg_ctl start failed ({r.returncode}): {r.stderr[-1000:]} {log}")
+
+    def stop(self, mode="fast"):
+        self.run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "120", "stop")
+
+    def url(self, dbname="postgres"):
+        return f"postgresql://postgres@/{dbname}?host={self.sock}"
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """The session's PostgreSQL server (skips with the reason when the binaries or psycopg are missing)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip('PostgreSQL store tests need psycopg 3: pip install "psycopg[binary]"')
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL store tests need the server binaries (initdb, pg_ctl): apt-get install -y "
+                    "postgresql (Debian: /usr/lib/postgresql/*/bin), or set FASTPATCH_PG_BIN")
+    as_user = None
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root: PostgreSQL must run as another user, and runuser is missing")
+        try:
+            import pwd
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' system user to run the server as "
+                        "(apt-get install -y postgresql creates it)")
+        as_user = "postgres"
+    base = Path(tempfile.mkdtemp(prefix="fp-pg-"))  # short: a unix socket path is at most 107 bytes
+    (base / "sock").mkdir()
+    if as_user:
+        for p in (base, base / "sock"):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        os.chmod(base, 0o755)
+    server = PgServer(bin_dir, base, as_user)
+    server.init()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database for this test: its ``postgresql://`` URL (dropped afterwards)."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(pg_server.url(), autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    yield pg_server.url(name)
+    with psycopg.connect(pg_server.url(), autocommit=True) as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
