@@ -197,3 +197,17 @@ def test_unsupported_error_names_new_families_and_fallback():
     supported = msg.split("supported:")[1].split(".")[0].replace(" ", "").split(",")
     assert set(NEW_ARCHS) <= set(supported), msg
     assert "'bloom'" in msg and "fallback='hooks'" in msg
+
+
+def test_bench_arch_builds_each_family_fastpatch_supports():
+    """``fastpatch bench --arch X`` builds a config of family X, and fastpatch fuses that family."""
+    from fastpatch.app.model_bench import ARCH_CONFIGS, BenchConfig, arch_config
+    from fastpatch.integrations.hf.model_sites import SPECS
+
+    fused = {t for s in SPECS for t in s.model_types}
+    for arch in ARCH_CONFIGS:
+        config = arch_config(BenchConfig(arch=arch, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
+        assert config.model_type == arch and arch in fused, arch
+        assert (config.hidden_size, config.num_hidden_layers) == (64, 2)
+    with pytest.raises(ValueError, match="unknown --arch 'bloom'.*qwen3_moe"):
+        arch_config(BenchConfig(arch="bloom"))

@@ -45,6 +45,7 @@ class BenchConfig:
     dtype: str = "auto"
     backend: Optional[str] = None
     model: Optional[str] = None  # --model: a local HF folder, a hub id or 'smollm2' instead of the built-in config
+    arch: str = "llama"  # --arch: the family of the built-in random-weight model (ARCH_CONFIGS)
     variants: list = field(default_factory=list)  # empty = all
     seed: int = 0
 
@@ -63,24 +64,62 @@ class BenchConfig:
         return parse_dtype(self.dtype)
 
 
+# --arch: transformers config class and the family's own settings on top of the shared sizes
+# (hidden, layers, heads, kv_heads, intermediate, vocab). MoE families get 8 experts, top-2, each expert
+# half the MLP width. Token ids are set where a family's defaults lie outside a small vocabulary.
+_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+ARCH_CONFIGS: dict = {
+    "llama": ("LlamaConfig", {"rms_norm_eps": 1e-6}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "phi3": ("Phi3Config", _IDS),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                                     "moe_intermediate_size": "half", "shared_expert_intermediate_size": "half"}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                                     "moe_intermediate_size": "half"}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None,
+                                  "intermediate_size": "half"}),
+    "granite": ("GraniteConfig", {"residual_multiplier": 0.22, "embedding_multiplier": 12.0,
+                                  "attention_multiplier": 0.0078125, "logits_scaling": 8.0}),
+    "stablelm": ("StableLmConfig", {"use_parallel_residual": False}),
+    "starcoder2": ("Starcoder2Config", {"sliding_window": None, "bos_token_id": 1, "eos_token_id": 2}),
+    "olmo": ("OlmoConfig", _IDS),
+}
+
+
+def arch_config(cfg: BenchConfig):
+    """The transformers config of the built-in model for ``cfg.arch``."""
+    import transformers
+
+    if cfg.arch not in ARCH_CONFIGS:
+        raise ValueError(f"fastpatch bench: unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCH_CONFIGS)}, "
+                         "or load a real model with --model")
+    cls_name, extra = ARCH_CONFIGS[cfg.arch]
+    kw = dict(hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+              num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.intermediate, vocab_size=cfg.vocab,
+              max_position_embeddings=max(2048, cfg.prompt_len + cfg.new_tokens + 8))
+    kw.update({k: cfg.intermediate // 2 if v == "half" else v for k, v in extra.items()})
+    return getattr(transformers, cls_name)(**kw)
+
+
 def build_model(cfg: BenchConfig, progress: bool = False):
-    """The default: a small Llama-architecture model from a config, random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The default: a small model of the ``--arch`` family (Llama unless given) from a config, random weights."""
+    from transformers import AutoModelForCausalLM
 
     from .models import load_model
 
     device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
     torch.manual_seed(cfg.seed)
     if cfg.model:
+        if cfg.arch != "llama":
+            raise ValueError(f"fastpatch bench: --arch {cfg.arch} builds a random-weight model and --model loads "
+                             f"{cfg.model!r}; give one of them")
         model, _ = load_model(cfg.model, dtype, tokenizer=False, progress=progress)
     else:
-        config = LlamaConfig(
-            hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-            num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.intermediate, vocab_size=cfg.vocab,
-            max_position_embeddings=max(2048, cfg.prompt_len + cfg.new_tokens + 8), rms_norm_eps=1e-6,
-        )
+        config = arch_config(cfg)
         config._attn_implementation = "sdpa"
-        model = LlamaForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
     return model.to(device).eval()
 
 

@@ -32,7 +32,7 @@ example:
 
 
 def add_arguments(p) -> None:
-    from ..model_bench import BenchConfig
+    from ..model_bench import ARCH_CONFIGS, BenchConfig
     from ..models import DTYPES
     from .common import add_progress_argument
 
@@ -45,6 +45,8 @@ def add_arguments(p) -> None:
 
     p.add_argument("--model", default=None, metavar="PATH_OR_ID",
                    help="a local Hugging Face folder, a hub id or 'smollm2' (default: the built-in Llama config)")
+    p.add_argument("--arch", default=d.arch, choices=list(ARCH_CONFIGS),
+                   help=f"family of the built-in random-weight model (default {d.arch}; not with --model)")
     number("--hidden", "hidden size of the built-in model")
     number("--layers", "decoder layers of the built-in model")
     number("--heads", "attention heads of the built-in model")
