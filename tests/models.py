@@ -18,8 +18,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2",
          # pre-LN families of issue #18: one case each in tests/test_arch_oracle.py, the grid slow
-         "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "granite", "stablelm", "starcoder2", "olmo")
+         "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "granite", "stablelm", "starcoder2", "olmo",
+         # new block styles of issue #18: one case each in tests/test_arch_parallel.py, the grid slow
+         "olmo2", "gpt_neox", "gpt_neox_seq", "cohere", "gptj", "falcon", "falcon_7b", "phi")
 FAST_ARCHS = ("llama", "gemma", "gemma2", "gpt2")  # one per fused family; the rest are marked slow
+PARALLEL_ARCHS = ("gpt_neox", "cohere", "gptj", "falcon", "falcon_7b", "phi")  # no resid_mid site
 
 
 def _common(cfg_cls, **extra):
@@ -65,6 +68,24 @@ def tiny_config(arch: str):
         return _common(tf.Starcoder2Config, sliding_window=None, bos_token_id=1, eos_token_id=2)
     if arch == "olmo":
         return _common(tf.OlmoConfig, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "olmo2":  # norms after each branch (its default eos id lies outside the tiny vocabulary)
+        return _common(tf.Olmo2Config, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch in ("gpt_neox", "gpt_neox_seq"):  # parallel block / the sequential one (use_parallel_residual)
+        return tf.GPTNeoXConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=256, rotary_pct=0.5,
+                                use_parallel_residual=arch == "gpt_neox", bos_token_id=1, eos_token_id=2)
+    if arch == "cohere":
+        return _common(tf.CohereConfig, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "gptj":
+        return tf.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, rotary_dim=8,
+                             bos_token_id=1, eos_token_id=2)
+    if arch in ("falcon", "falcon_7b"):  # Falcon-40B style (ln_attn + ln_mlp) / Falcon-7B (one norm, MQA)
+        new = arch == "falcon"
+        return tf.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               new_decoder_architecture=new, num_kv_heads=2 if new else None,
+                               multi_query=not new, parallel_attn=True, bos_token_id=1, eos_token_id=2)
+    if arch == "phi":
+        return _common(tf.PhiConfig, pad_token_id=0)
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     if arch == "bert":
@@ -96,7 +117,8 @@ def tiny_model(arch: str, dtype=torch.float32, seed: int = 0, num_layers: int = 
     with torch.no_grad():  # norm weights away from their init so that weight_offset etc. matter
         g = torch.Generator().manual_seed(seed + 1)
         for name, p in model.named_parameters():
-            if "norm" in name.lower() or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            if "norm" in name.lower() or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight",
+                                                                "ln_attn.weight", "ln_mlp.weight")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
     return model.to(dtype).eval()
 

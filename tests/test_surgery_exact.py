@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastpatch as fp
-from models import ARCHS, FAST_ARCHS, tiny_model
+from models import ARCHS, FAST_ARCHS, PARALLEL_ARCHS, tiny_model
 from surgery_util import (KINDS, SITE_KINDS, assert_close, forward, greedy, hidden, patch_of, run_with, site)
 
 _MODELS: dict = {}
@@ -46,8 +46,14 @@ def test_unpatched_fused_equals_original_and_remove_restores(arch):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("site_kind", SITE_KINDS)
-@pytest.mark.parametrize("arch", arch_params())
+def arch_site_params():
+    """(arch, site kind) pairs; parallel blocks have no resid_mid (its refusal: test_arch_parallel.py)."""
+    fast = set(FAST_ARCHS) | {"bert"}
+    return [pytest.param(a, sk, marks=() if a in fast else pytest.mark.slow) for a in ARCHS + ("bert",)
+            for sk in SITE_KINDS if not (sk == "resid_mid" and a in PARALLEL_ARCHS)]
+
+
+@pytest.mark.parametrize("arch,site_kind", arch_site_params())
 def test_fused_equals_hooks_every_kind(arch, site_kind):
     model = model_for(arch)
     batch = batch_for(arch)
@@ -71,6 +77,8 @@ def test_generate_token_identical_fp32(arch):
     ids = batch_for(arch, B=2, S=6, seed=3)["input_ids"]
     patches = {f"layers.{L - 1}.resid_mid": patch_of("steer", D, 1), "layers.0.resid_post": patch_of("lowrank", D, 2),
                "layers.0.resid_pre": patch_of("ablate", D, 3)}
+    if arch in PARALLEL_ARCHS:  # no resid_mid: the steer goes to the last layer's output instead
+        patches[f"layers.{L - 1}.resid_post"] = patches.pop(f"layers.{L - 1}.resid_mid")
     plain = greedy(model, ids)
     a = run_with(model, "hooks", patches, lambda: greedy(model, ids))
     b = run_with(model, "fused", patches, lambda: greedy(model, ids))

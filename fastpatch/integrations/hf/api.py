@@ -42,12 +42,12 @@ def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Opti
     plan = build_plan(info, patches, count_fires)
     engine = Engine(info, plan, count_fires)
     handle = Handle(model, engine, backend)
-    captured = drift.capture_block_inputs(info) if verify and info.spec.style == "pre" else None
+    captured = drift.capture_block_inputs(info) if verify and info.spec.style != "post" else None
     if captured is not None:
         # training: the fused layers must be recomputed under gradient checkpointing, however this
         # transformers version checkpoints a layer (checked now if checkpointing is on, else once it is)
         engine.recompute_check = lambda: drift.check_recompute(engine, captured)
-    elif info.spec.style == "pre":
+    elif info.spec.style != "post":  # pre-LN and parallel decoder blocks
         _warn_unverified(info)
     try:
         handle._targets = install(engine, impl)

@@ -52,6 +52,11 @@ def _first(x):
 
 
 def _compare(got, ref, what: str, dtype) -> None:
+    if isinstance(got, tuple) != isinstance(ref, tuple):  # the model loop reads outputs[0] or the tensor
+        raise FusedMismatchError(
+            f"{what}: the fused forward returns {type(got).__name__}, the class's own forward {type(ref).__name__}; "
+            f"this transformers version ({_tf_version()}) changed what the block returns. Use "
+            "fastpatch.apply(..., fallback='hooks') or fastpatch.hooks.apply, and report the class")
     got, ref = _first(got), _first(ref)
     if got.shape != ref.shape:
         raise FusedMismatchError(f"{what}: the fused forward returns shape {tuple(got.shape)}, the class's own "

@@ -20,7 +20,7 @@ from ...core.patches import CanonicalPatch, Gate, Patch
 from ...core.scope import Scope, Scoped
 from .conditions import Condition, Conditional
 from ...core.sites import order, parse_site, site_name
-from .model_sites import ModelInfo
+from .model_sites import ModelInfo, site_key
 
 _SKIP = object()
 
@@ -107,7 +107,7 @@ def build_plan(info: ModelInfo, patches: dict, count_fires: bool) -> Plan:
     seen = {}
     entries = []
     for name, value in patches.items():
-        key = parse_site(name, info.num_layers)
+        key = site_key(info, name)
         if key in seen:
             raise ValueError(f"sites {seen[key]!r} and {name!r} are the same point of the residual stream "
                              f"({site_name(key)}); give only one of them")
@@ -146,7 +146,7 @@ def build_plan(info: ModelInfo, patches: dict, count_fires: bool) -> Plan:
             if condition.hidden_size != D:
                 raise ValueError(f"site {name!r}: condition vector has size {condition.hidden_size}, the model's "
                                  f"hidden size is {D}")
-            ckey = parse_site(condition.site, info.num_layers)
+            ckey = site_key(info, condition.site)
             if order(ckey) >= order(key):
                 raise ValueError(f"site {name!r}: the condition is read at {condition.site!r}, which a forward "
                                  "does not reach before this site; behaviour sites must come after the "

@@ -144,8 +144,9 @@ def _install_pre(engine: Engine, impl) -> list:
     layers = info.layers
     L = len(layers)
     kind, offset, eps = spec.norm, spec.weight_offset, spec.norm_eps
-    ln1 = [_Norm(get_path(b, spec.ln1), kind, offset, eps) for b in layers]
-    ln2 = [_Norm(get_path(b, spec.ln2), kind, offset, eps) for b in layers]
+    # None where the block has no such norm (OLMo 2: none before either branch; parallel: one for both)
+    ln1 = [_Norm(get_path(b, spec.ln1), kind, offset, eps) if spec.ln1 else None for b in layers]
+    ln2 = [_Norm(get_path(b, spec.ln2), kind, offset, eps) if spec.ln2 else None for b in layers]
     final_mod = info.final_norm()
     final = _Norm(final_mod, kind, offset, eps) if final_mod is not None else None
     targets = list(layers) + ([final_mod] if final_mod is not None else [])
@@ -154,12 +155,17 @@ def _install_pre(engine: Engine, impl) -> list:
     drop = spec.drop_attn_kwargs
     allow = None if spec.attn_kwargs is None else frozenset(spec.attn_kwargs)
     mult_attr = spec.residual_multiplier
+    par, sum_p, tuple_out = spec.parallel, spec.sum_dropout, spec.tuple_out
     tls = engine._tls
     current = engine.current
 
     def site(step, slot, x, res, norm: _Norm, use_norm: bool = True):
         """add + patch + norm; ``use_norm=False``: the normed output will be discarded (and the norm
         module's hooks must not run for it)."""
+        if not use_norm and (slot < 0 or step.slots[slot] is None):
+            # nothing to patch and no norm wanted (OLMo 2's adds, a stash that cannot be kept): the add in
+            # torch rounds exactly as the kernel's (and as transformers' own ``residual + x``), no launch
+            return None, (x if res is None else res + x)
         D = x.shape[-1]
         x2 = x.reshape(-1, D)
         if not x2.is_contiguous():
@@ -184,6 +190,9 @@ def _install_pre(engine: Engine, impl) -> list:
         mdrop = get_path(block, spec.mlp_dropout) if spec.mlp_dropout else None
         n1, n2 = ln1[i], ln2[i]
         nxt = ln1[i + 1] if i + 1 < L else final
+        # a norm for sites with no norm after them: the kernel computes one anyway and it is discarded
+        # (OLMo 2, see arch/olmo2.py; a last layer without final norm)
+        scratch = n1 or n2 or final or (_Norm(pan, kind, offset, eps) if pan is not None else None)
         # What runs between this layer's return and the next consumer of the stash: this block's
         # forward hooks, then the next block's pre-hooks and (skipped on a hit) its ln1 with its hooks;
         # or the final norm's pre-hooks (its forward hooks see the stashed output, that is fine).
@@ -218,7 +227,9 @@ def _install_pre(engine: Engine, impl) -> list:
             plan = step.plan
             st = step.stash
             hit = False
-            if i > 0 or st is not None:
+            if n1 is None:  # OLMo 2: the attention reads the raw stream, no normed input to take over
+                step.stash = None
+            elif i > 0 or st is not None:
                 step.stash = None
                 hit = stash_valid(st, hidden_states)
                 if not _is_compiling():
@@ -229,19 +240,22 @@ def _install_pre(engine: Engine, impl) -> list:
             if hit:
                 normed, h = st[1], hidden_states
             elif i == 0:
-                normed, h = site(step, plan.pre_slot, hidden_states, None, n1)
+                normed, h = site(step, plan.pre_slot, hidden_states, None, n1 or scratch, use_norm=n1 is not None)
+                if n1 is None:
+                    normed = h
                 if step.pending is not None:
                     engine.decide(step, pre_key, h)
             else:
-                normed, h = n1.module(hidden_states), hidden_states
+                normed, h = (hidden_states if n1 is None else n1.module(hidden_states)), hidden_states
             if drop:
                 for k in drop:
                     kwargs.pop(k, None)
             if allow is not None:
                 kwargs = {k: v for k, v in kwargs.items() if k in allow}
             a = attn(normed, **kwargs)
+            rest = ()
             if type(a) is tuple:
-                a = a[0]
+                a, rest = a[0], a[1:]
             if pan is not None:
                 a = pan(a)
             if adrop is not None:
@@ -251,18 +265,34 @@ def _install_pre(engine: Engine, impl) -> list:
             mult = getattr(block, mult_attr) if mult_attr is not None else None
             if mult is not None:
                 a = a * mult
-            normed, h = site(step, plan.mid_slot[i], a, h, n2)
-            if step.pending is not None:
-                engine.decide(step, mid_key, h)
-            m = mlp(normed)
+            if par is None:
+                if n2 is None:  # OLMo 2: add + patch, no norm after it; the MLP reads the stream
+                    _, h = site(step, plan.mid_slot[i], a, h, scratch, use_norm=False)
+                    normed = h
+                else:
+                    normed, h = site(step, plan.mid_slot[i], a, h, n2)
+                if step.pending is not None:
+                    engine.decide(step, mid_key, h)
+            # parallel: the MLP reads the shared normed input, or its own norm of the same h (GPT-NeoX)
+            m = mlp(normed if (par is None or n2 is None) else n2.module(h))
             if pmn is not None:
                 m = pmn(m)
             if mdrop is not None:
                 m = mdrop(m)
             if mult is not None:
                 m = m * mult
-            if nxt is None:  # no final norm: plain add + patch, discard the norm output
-                _, h = site(step, plan.post_slot[i], m, h, n1, use_norm=False)
+            if par is not None:
+                # the branch sum in transformers' order (arch/parallel.py); the last add goes to the kernel
+                if par == "mlp+attn":
+                    m = m + a
+                elif par == "attn+mlp":
+                    m = a + m
+                else:  # "res+attn+mlp": (h + attn) + mlp
+                    h = h + a
+                if sum_p is not None:  # Falcon: dropout_add(mlp + attn, residual, hidden_dropout)
+                    m = torch.nn.functional.dropout(m, getattr(block.config, sum_p), training=block.training)
+            if nxt is None:  # no norm after this add: plain add + patch, discard the norm output
+                _, h = site(step, plan.post_slot[i], m, h, scratch, use_norm=False)
                 normed = None
             elif can_stash():
                 normed, h = site(step, plan.post_slot[i], m, h, nxt)
@@ -272,6 +302,8 @@ def _install_pre(engine: Engine, impl) -> list:
             if step.pending is not None:
                 engine.decide(step, post_key, h)
             step.stash = None if normed is None else (h, normed, version_of(h))
+            if tuple_out:  # Falcon, GPT-J before 5.20: (hidden_states, attention weights) like the class
+                return h, (rest[0] if rest else None)
             return h
 
         if mechanism(type(block)) == "forward":

@@ -24,8 +24,8 @@ import torch
 from .handle import MARK, Handle, check_not_patched, install_step_hooks
 from .arch import ArchSpec, get_path
 from .engine import Engine, build_plan
-from ...core.sites import parse_site
-from .model_sites import ModelInfo, UnsupportedModelError, config_mismatch, find_spec, model_info, unwrap
+from .model_sites import (ModelInfo, UnsupportedModelError, config_mismatch, find_spec, model_info, site_key,
+                          unwrap)
 
 __all__ = ["apply", "patched", "record", "HooksHandle"]
 
@@ -182,10 +182,12 @@ def _install(handle: Handle) -> None:
                 return None
             return (h2,) + tuple(output[1:]) if isinstance(output, tuple) else h2
 
+        hooks.append(block.register_forward_hook(post))
+        if spec.style == "parallel":  # no resid_mid: resid_pre / resid_post are the block's input / output
+            continue
         hooks.append(block.register_forward_pre_hook(keep, with_kwargs=True))
         branch_mod = get_path(block, branch_path(spec))
         hooks.append(branch_mod.register_forward_hook(branch))
-        hooks.append(block.register_forward_hook(post))
 
 
 def apply(model, patches: dict, *, backend: Optional[str] = None, fallback: Optional[str] = None,
@@ -225,7 +227,7 @@ def record(model, sites: Iterable[str], *, detach: bool = True):
         sites = [sites]
     info = _info(model)
     spec = info.spec
-    keys = {name: parse_site(name, info.num_layers) for name in sites}
+    keys = {name: site_key(info, name) for name in sites}
     acts: dict = {}
     handles = []
     res = {}

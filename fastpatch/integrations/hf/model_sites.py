@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ...core.errors import UnsupportedModelError  # re-exported: importable from here as before
+from ...core.sites import parse_site
 from .arch import ArchSpec, get_path
 from .arch import bert as _bert
 from .arch import gemma as _gemma
@@ -20,10 +21,13 @@ from .arch import granite as _granite
 from .arch import layernorm as _layernorm
 from .arch import llama as _llama
 from .arch import moe as _moe
+from .arch import olmo2 as _olmo2
+from .arch import parallel as _parallel
 from .arch import phi3 as _phi3
 
 SPECS: tuple = (_llama.SPEC, _gemma.GEMMA, _gemma.GEMMA2, _gpt2.SPEC, _bert.SPEC,
                 _phi3.SPEC, _moe.SPEC, _granite.SPEC, _layernorm.STABLELM, _layernorm.STARCODER2, _layernorm.OLMO)
+SPECS += (_olmo2.SPEC,) + _parallel.SPECS  # new block styles (#18): post-branch norms, parallel blocks
 SUPPORTED_MODEL_TYPES = tuple(t for s in SPECS for t in s.model_types)
 
 
@@ -93,6 +97,8 @@ def model_info(model, spec: Optional[ArchSpec] = None) -> ModelInfo:
         raise UnsupportedModelError(
             f"{type(model).__name__} (model_type {model_type!r}) has {mismatch}. Use fallback='hooks' (or "
             "fastpatch.hooks.apply) for resid_pre / resid_post sites")
+    if spec.resolve is not None:  # the variant this config builds (or a refusal naming the covered ones)
+        spec = spec.resolve(spec, model)
     base = getattr(model, "base_model", model)
     try:
         layers = list(get_path(base, spec.layers))
@@ -130,6 +136,18 @@ def model_info(model, spec: Optional[ArchSpec] = None) -> ModelInfo:
 def _required_parts(spec: ArchSpec) -> list:
     if spec.style == "post":
         return [spec.mid_output + ".LayerNorm", spec.post_output + ".LayerNorm"]
-    parts = [spec.ln1, spec.attn, spec.ln2, spec.mlp]
+    parts = [p for p in (spec.ln1, spec.attn, spec.ln2, spec.mlp) if p]  # OLMo 2 / parallel: no ln1 or ln2
     parts += [p for p in (spec.post_attn_norm, spec.post_mlp_norm, spec.attn_dropout, spec.mlp_dropout) if p]
     return parts
+
+
+def site_key(info: ModelInfo, name) -> tuple:
+    """:func:`parse_site` for this model: a parallel block (attention and MLP added to the stream in one
+    sum) has no ``resid_mid``, so naming one raises, listing the sites the model has."""
+    key = parse_site(name, info.num_layers)
+    if key[0] == "mid" and info.spec.style == "parallel":
+        raise ValueError(
+            f"site {name!r}: {info.spec.name} has parallel blocks (attention and MLP read the same input and are "
+            f"added to the stream in one sum), so there is no resid_mid; its sites are 'layers.{{i}}.resid_pre' "
+            f"and 'layers.{{i}}.resid_post' with 0 <= i < {info.num_layers}")
+    return key

@@ -6,14 +6,14 @@ A spec only names submodules; the fused forwards (``fastpatch/integrations/hf/fu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
     model_types: tuple  # config.model_type values
-    style: str  # "pre" (pre-LN decoder) | "post" (post-LN encoder, BERT)
+    style: str  # "pre" (pre-LN decoder) | "post" (post-LN encoder, BERT) | "parallel" (GPT-NeoX, Cohere, ...)
     norm: str  # "rms" | "layer"
     weight_offset: float = 0.0  # Gemma's RMSNorm scales by 1 + w
     layers: str = "layers"  # path from the base model to the ModuleList of blocks
@@ -41,6 +41,15 @@ class ArchSpec:
     # (config attribute, required value, why): model_info refuses a config of this family that differs
     # (StableLM's use_parallel_residual=True is a parallel-attention block, not this pre-LN one).
     config_requires: tuple = ()
+    # Parallel blocks (style "parallel", arch/parallel.py): the order transformers adds the two branch
+    # outputs and the residual in ("mlp+attn" | "attn+mlp" | "res+attn+mlp"); ln2 None there means one
+    # norm feeds both branches. OLMo 2 (style "pre"): ln1 / ln2 None, the branches read the raw stream.
+    parallel: Optional[str] = None
+    sum_dropout: Optional[str] = None  # config attribute: dropout on the branch sum (Falcon's hidden_dropout)
+    tuple_out: bool = False  # the block returns (hidden_states, attn_weights) (Falcon, GPT-J before 5.20)
+    # (spec, model) -> the spec for this model's config (GPT-NeoX use_parallel_residual, Falcon variants),
+    # or raises UnsupportedModelError naming what is covered; model_info calls it
+    resolve: Optional[Callable] = None
     # post-LN (BERT) parts, relative to a block
     mid_output: str = "attention.output"  # module whose forward(h, input_tensor) adds + norms
     post_output: str = "output"
