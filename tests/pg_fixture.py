@@ -23,8 +23,9 @@ import pytest
 
 def _bin_dir():
     env = os.environ.get("FASTPATCH_PG_BIN")
-    candidates = [env] if env else []
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True)
+    if env:  # given: only there
+        return Path(env) if (Path(env) / "initdb").is_file() and (Path(env) / "pg_ctl").is_file() else None
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True)
     on_path = shutil.which("initdb")
     if on_path:
         candidates.append(str(Path(on_path).parent))
@@ -77,7 +78,8 @@ def pg_server():
     bin_dir = _bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL store tests need the server binaries (initdb, pg_ctl): apt-get install -y "
-                    "postgresql (Debian: /usr/lib/postgresql/*/bin), or set FASTPATCH_PG_BIN")
+                    "postgresql (Debian: /usr/lib/postgresql/*/bin), or set FASTPATCH_PG_BIN to their folder "
+                    f"(now {os.environ.get('FASTPATCH_PG_BIN')!r})")
     as_user = None
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         if shutil.which("runuser") is None:

@@ -224,7 +224,8 @@ def _corrupt_blob(st, digest, data):
     if hasattr(st, "blobs"):  # SQLiteStore: a file
         st.blob_path(digest).write_bytes(data)
     else:  # PostgresStore: a row
-        st._conn().execute("UPDATE fastpatch_blobs SET data=%s WHERE digest=%s", (data, digest))
+        with st._use() as c:
+            c.execute("UPDATE fastpatch_blobs SET data=%s WHERE digest=%s", (data, digest))
 
 
 def test_conflicts_and_bad_blobs_change_nothing(store_url):
@@ -327,3 +328,32 @@ def test_postgres_server_crash_loses_no_acknowledged_change(tmp_path, pg_server,
     acked = [(x[1], "s", x[2], x[3].strip() if len(x) > 3 else "") for x in lines if x[0] == "ACK"]
     assert sum(1 for a in acked if a[0] == "publish") >= 3, proc.stderr.read()[-2000:]
     assert _check_consistent(pg_url, acked) >= 3
+
+
+def test_postgres_threads_share_a_few_connections(pg_url):
+    """A thread per HTTP connection (the admin server) must not mean a database connection per thread: calls
+    borrow from a pool of idle connections, and what a finished thread used goes back to it."""
+    import psycopg
+
+    st = open_store(pg_url)
+    st.create_set("t", {}, actor="a")
+    errors = []
+
+    def one_call():
+        try:
+            assert st.get_set("t")["name"] == "t" and st.generation() == 1
+        except BaseException as exc:  # reported below: an assert in a thread would be lost
+            errors.append(exc)
+
+    for _ in range(5):  # 5 waves of 20 short-lived threads
+        threads = [threading.Thread(target=one_call) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    assert not errors, errors
+    with psycopg.connect(pg_url) as c:
+        n = c.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND "
+                      "application_name = 'fastpatch-registry'").fetchone()[0]
+    assert 1 <= n <= 8, n  # the pool's idle connections (max_idle_connections=8), not 100
+    st.close()

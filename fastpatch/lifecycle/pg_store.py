@@ -76,24 +76,32 @@ def _psycopg():
 class PostgresStore(Store):
     """``PostgresStore(url)``: the registry in a PostgreSQL database (``postgresql://user:pw@host:port/db``).
 
-    Safe to share between threads (one connection per thread, reconnecting after a dropped one), processes
-    and machines. ``create=False`` opens an existing registry only: a database without the fastpatch tables
-    raises :class:`~.store.StoreNotFound` and nothing is created.
+    Safe to share between threads (each call borrows a connection from a small pool of idle ones, so a
+    server with a thread per HTTP connection does not hold a database connection per thread; a dropped
+    connection is replaced), processes and machines. ``create=False`` opens an existing registry only: a
+    database without the fastpatch tables raises :class:`~.store.StoreNotFound` and nothing is created.
     """
 
     def __init__(self, dsn: str, *, create: bool = True, connect_timeout_s: float = 10.0,
-                 lock_timeout_s: float = 30.0):
+                 lock_timeout_s: float = 30.0, max_idle_connections: int = 8):
         self.psycopg = _psycopg()
         self.dsn = str(dsn)
         self.url = redact(self.dsn)
         self._connect_timeout = max(1, int(round(connect_timeout_s)))
         self._lock_timeout_ms = int(lock_timeout_s * 1000)
-        self._tls = threading.local()
-        self._all: list = []
-        self._all_lock = threading.Lock()
+        self._idle: list = []
+        self._max_idle = int(max_idle_connections)
+        self._pool_lock = threading.Lock()
         self._listener = None
         self._listen_lock = threading.Lock()
-        c = self._conn()
+        try:
+            with self._errors("opening the registry"), self._use() as c:
+                self._open(c, create)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, c, create: bool) -> None:
         schema = self._schema_version(c)
         if schema is None:
             if not create:
@@ -138,30 +146,39 @@ class PostgresStore(Store):
         with self._errors("connecting"):
             conn = self.psycopg.connect(self.dsn, autocommit=True, connect_timeout=self._connect_timeout,
                                         application_name="fastpatch-registry")
-        # A writer waits this long for the generation lock (another writer), then fails with a clear error.
-        conn.execute(f"SET lock_timeout = {self._lock_timeout_ms}")
-        conn.execute("SET synchronous_commit = on")  # acknowledged = in the server's WAL on disk
-        return conn
-
-    def _conn(self):
-        conn = getattr(self._tls, "conn", None)
-        if conn is None or conn.closed or conn.broken:
-            conn = self._connect()
-            self._tls.conn = conn
-            with self._all_lock:
-                self._all.append(conn)
+            # A writer waits this long for the generation lock (another writer), then fails with a clear error.
+            conn.execute(f"SET lock_timeout = {self._lock_timeout_ms}")
+            conn.execute("SET synchronous_commit = on")  # acknowledged = in the server's WAL on disk
         return conn
 
     @contextmanager
+    def _use(self):
+        """Borrow a connection (an idle one, or a new one) for one call; back to the pool if still clean."""
+        with self._pool_lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None or conn.closed or conn.broken:
+            conn = self._connect()
+        try:
+            yield conn
+        finally:
+            clean = (not conn.closed and not conn.broken
+                     and conn.info.transaction_status == self.psycopg.pq.TransactionStatus.IDLE)
+            with self._pool_lock:
+                keep = clean and len(self._idle) < self._max_idle
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
+
+    @contextmanager
     def _read(self):
-        with self._errors("reading"):
-            yield self._conn()
+        with self._errors("reading"), self._use() as c:
+            yield c
 
     @contextmanager
     def _write(self):
         """One change: the generation row's lock first (writers in line), the change, its audit entry, NOTIFY."""
-        c = self._conn()
-        with self._errors("writing"), c.transaction():
+        with self._errors("writing"), self._use() as c, c.transaction():
             gen = c.execute("UPDATE fastpatch_meta SET value = value + 1 WHERE key='generation' "
                             "RETURNING value").fetchone()[0]
             yield c
@@ -210,8 +227,7 @@ class PostgresStore(Store):
     def gc_blobs(self) -> list:
         """Delete blobs no version refers to (left by a client that died between storing a blob and committing
         its version). Holds the generation lock meanwhile: a publish whose blob it removed fails cleanly."""
-        c = self._conn()
-        with self._errors("collecting blobs"), c.transaction():
+        with self._errors("collecting blobs"), self._use() as c, c.transaction():
             c.execute("SELECT value FROM fastpatch_meta WHERE key='generation' FOR UPDATE")
             used = set()
             for (rec,) in c.execute("SELECT record FROM fastpatch_versions"):
@@ -350,8 +366,7 @@ class PostgresStore(Store):
             merged[k] = (a[0] + int(n), a[1] + float(total), a[2] + float(total_sq))
         if not merged:
             return
-        c = self._conn()
-        with self._errors("writing telemetry"), c.transaction(), c.cursor() as cur:
+        with self._errors("writing telemetry"), self._use() as c, c.transaction(), c.cursor() as cur:
             cur.executemany(
                 "INSERT INTO fastpatch_telemetry(name, version, arm, metric, n, total, total_sq) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name, version, arm, metric) DO UPDATE SET "
@@ -409,8 +424,7 @@ class PostgresStore(Store):
                         pass
 
     def snapshot(self) -> dict:
-        c = self._conn()
-        with self._errors("reading a snapshot"), c.transaction():
+        with self._errors("reading a snapshot"), self._use() as c, c.transaction():
             c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")  # one view for all reads
             gen = int(c.execute("SELECT value FROM fastpatch_meta WHERE key='generation'").fetchone()[0])
             sets = {}
@@ -439,8 +453,8 @@ class PostgresStore(Store):
         return problems
 
     def close(self) -> None:
-        with self._all_lock:
-            conns, self._all = self._all, []
+        with self._pool_lock:
+            conns, self._idle = self._idle, []
         with self._listen_lock:
             if self._listener is not None:
                 conns.append(self._listener)
@@ -450,4 +464,3 @@ class PostgresStore(Store):
                 conn.close()
             except Exception:  # closing a broken connection: nothing left to release
                 pass
-        self._tls = threading.local()

@@ -1,4 +1,5 @@
-"""`fastpatch registry ...`: operate the persistent patch registry (a store directory) from the shell."""
+"""`fastpatch registry ...`: operate the persistent patch registry (a store directory or a PostgreSQL database)
+from the shell."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -10,7 +11,9 @@ NAME = "registry"
 HELP = "publish, roll out, promote, abort, expire, roll back and audit patch sets in a registry store"
 DESCRIPTION = """\
 Operate a patch registry kept in a store directory (SQLite in WAL mode + content-addressed patch
-files; several processes may share it, serving replicas pick changes up without a restart).
+files; several processes on one machine may share it) or, for a fleet of machines, in a PostgreSQL
+database (--store postgresql://USER:PASSWORD@HOST:PORT/DBNAME; needs pip install "psycopg[binary]").
+Serving replicas pick changes up without a restart.
 Every change is audited with --actor (default: $FASTPATCH_ACTOR or the login name).
 
   publish NAME VERSION --patch PATCH=FILE ... [--expires ISO] [--note TEXT]
@@ -28,16 +31,18 @@ Every change is audited with --actor (default: $FASTPATCH_ACTOR or the login nam
                                     the HTTP admin API (no model); --port 0 picks a free port,
                                     the line it prints names the bound one
 
-Only publish and policy create the store directory when it does not exist yet; every other action
-refuses a directory that holds no store (exit 2), so a mistyped --store is not taken for an empty
-registry. Mistakes (a bad or duplicate version, a missing or invalid patch file, an unknown set or
-version, a bad percentage) are one line on stderr with exit status 2; FASTPATCH_TRACEBACK=1 shows the
-traceback instead. A closed stdout (`... --json audit | head`) ends the command quietly.
+Only publish and policy create the store (directory, or tables in the database) when it does not exist
+yet; every other action refuses a directory or database that holds no store (exit 2), so a mistyped
+--store is not taken for an empty registry. Mistakes (a bad or duplicate version, a missing or
+invalid patch file, an unknown set or version, a bad percentage, an unreachable database) are one line
+on stderr with exit status 2; FASTPATCH_TRACEBACK=1 shows the traceback instead. A closed stdout
+(`... --json audit | head`) ends the command quietly.
 
 examples:
   fastpatch registry --store /srv/patches publish tone 1.1.0 --patch positive=positive.safetensors
   fastpatch registry --store /srv/patches rollout tone 1.1.0 --percent 10
   fastpatch registry --store /srv/patches promote tone
+  fastpatch registry --store postgresql://fastpatch@db.internal/patches list
 """
 
 SUBS = ("publish", "list", "show", "policy", "activate", "rollout", "promote", "abort", "pause", "resume",
@@ -46,7 +51,7 @@ SUBS = ("publish", "list", "show", "policy", "activate", "rollout", "promote", "
 
 def add_arguments(p) -> None:
     p.add_argument("--store", default=os.environ.get("FASTPATCH_REGISTRY"),
-                   help="store directory (default: $FASTPATCH_REGISTRY)")
+                   help="store directory, or postgresql://USER@HOST:PORT/DBNAME (default: $FASTPATCH_REGISTRY)")
     p.add_argument("--actor", default=os.environ.get("FASTPATCH_ACTOR"), help="who makes the change (audited)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("action", choices=SUBS, metavar="ACTION", help=", ".join(SUBS))
@@ -88,7 +93,7 @@ def _need(args, n: int, usage: str) -> list:
     return args.args
 
 
-# Actions that may create the store directory (they write into it); the others need an existing store.
+# Actions that may create the store (they write into it); the others need an existing store.
 CREATES_STORE = ("publish", "policy")
 
 
@@ -96,18 +101,25 @@ def run(args) -> int:
     import sqlite3
 
     from ...lifecycle.governance import Governance
-    from ...lifecycle.store import SQLiteStore, StoreError
+    from ...lifecycle.store import StoreError, open_store
     from .common import user_error
 
     if not args.store:
-        return user_error(args, ValueError("give --store DIR (or set FASTPATCH_REGISTRY)"))
+        return user_error(args, ValueError("give --store DIR or --store postgresql://... (or set FASTPATCH_REGISTRY)"))
+    db_errors: tuple = (sqlite3.DatabaseError,)
+    if "://" in args.store:
+        try:
+            import psycopg
+            db_errors += (psycopg.Error,)
+        except ImportError:  # open_store says how to install it
+            pass
     try:
-        gov = Governance(SQLiteStore(args.store, create=args.action in CREATES_STORE), actor=args.actor)
-    except (StoreError, sqlite3.DatabaseError, OSError) as exc:
+        gov = Governance(open_store(args.store, create=args.action in CREATES_STORE), actor=args.actor)
+    except (StoreError, OSError, *db_errors) as exc:
         return user_error(args, exc)
     try:
         out = _run(gov, args)
-    except (ValueError, KeyError, OSError, StoreError, sqlite3.DatabaseError) as exc:
+    except (ValueError, KeyError, OSError, StoreError, *db_errors) as exc:
         # a person's mistake: one line, exit 2 (FASTPATCH_TRACEBACK=1: the traceback)
         return user_error(args, exc)
     finally:
@@ -246,7 +258,7 @@ def _run(gov, args):
         kw = {} if args.read_timeout is None else {"read_timeout": args.read_timeout}
         server = AdminServer(gov, load_tokens(args.tokens), **kw)
         host, port = server.start(args.host, args.port)  # --port 0: the port the system chose
-        print(f"admin API on http://{host}:{port}/v1 (store {args.store})", flush=True)
+        print(f"admin API on http://{host}:{port}/v1 (store {getattr(gov.store, 'url', args.store)})", flush=True)
         server.join()
         return None
     raise ValueError(f"unknown action {a!r}")
