@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import io
 import re
 import tokenize
@@ -114,7 +115,12 @@ def references(text: str):
 def path_exists(name: str) -> bool:
     if "*" in name:
         return any(ROOT.glob(name))
-    return (ROOT / name).exists()
+    if (ROOT / name).exists():
+        return True
+    # "tests/models.tiny_model": a module's file written without .py, then one of its top-level names
+    stem, _, attr = name.rpartition(".")
+    module = ROOT / f"{stem}.py"
+    return bool(stem) and attr.isidentifier() and module.is_file() and attr in _names_in(module)
 
 
 def _module_file_exists(module: str) -> bool:
@@ -126,7 +132,25 @@ def _top_level_names(module: str) -> set:
     """Names a module defines at top level, read from its source (for modules whose optional
     dependency, e.g. triton, is not installed here)."""
     base = ROOT.joinpath(*module.split("."))
-    path = base.with_suffix(".py") if base.with_suffix(".py").exists() else base / "__init__.py"
+    return _names_in(base.with_suffix(".py") if base.with_suffix(".py").exists() else base / "__init__.py")
+
+
+def _has_instance_attribute(cls, attr: str) -> bool:
+    """Whether ``cls`` (or a base) gives its instances ``attr``: annotated, or assigned as ``self.attr``
+    in its source. getattr on the class cannot see what __init__ sets."""
+    for klass in cls.__mro__:
+        if attr in getattr(klass, "__annotations__", {}):
+            return True
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        if re.search(rf"\bself\.{re.escape(attr)}\s*(?::[^=\n]*)?=(?!=)", source):
+            return True
+    return False
+
+
+def _names_in(path: Path) -> set:
     names = set()
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -158,9 +182,10 @@ def name_exists(name: str) -> bool:
             if glob and not rest:
                 return any(n.startswith(prefix) for n in defined)
             return bool(rest) and rest[0] in defined
-        for attr in rest:
+        for j, attr in enumerate(rest):
             if not hasattr(obj, attr):
-                return False
+                # an instance attribute, last in the name (PatchBank.down): what __init__ assigns
+                return j == len(rest) - 1 and inspect.isclass(obj) and _has_instance_attribute(obj, attr)
             obj = getattr(obj, attr)
         return any(a.startswith(prefix) for a in dir(obj)) if glob else True
     return False
@@ -224,3 +249,6 @@ def test_an_injected_stale_path_and_name_are_caught():
     assert not name_exists("fastpatch.ops.check_inputs") and name_exists("fastpatch.kernels.ops.check_inputs")
     assert not name_exists("fastpatch.patches.GATE_*") and name_exists("fastpatch.core.patches.GATE_*")
     assert name_exists("fastpatch.fused_add_norm") and not name_exists("fastpatch.fused_add_norm.nothing")
+    # module-file-plus-name paths and instance attributes count; misspelt ones do not
+    assert path_exists("tests/models.tiny_model") and not path_exists("tests/models.no_such_model")
+    assert name_exists("fastpatch.core.bank.PatchBank.down") and not name_exists("fastpatch.core.bank.PatchBank.dwn")
