@@ -41,7 +41,7 @@ def _config(arch: str):
         # vLLM's Gemma 2/3 tie the output embeddings to the input ones.
         "gemma2": lambda: tf.Gemma2Config(head_dim=32, tie_word_embeddings=True, **kv, **kw),
         "gemma3": lambda: tf.Gemma3TextConfig(head_dim=32, tie_word_embeddings=True, **kv, **kw),
-        "phi3": lambda: tf.Phi3Config(**kv, **kw),
+        "phi3": lambda: tf.Phi3Config(pad_token_id=0, **kv, **kw),  # its default pad id 32000 > vocab
         "qwen2_moe": lambda: tf.Qwen2MoeConfig(shared_expert_intermediate_size=128, **moe, **kv, **kw),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(head_dim=32, **moe, **kv, **kw),
         "mixtral": lambda: tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **kv, **kw),
@@ -131,19 +131,23 @@ def test_architecture(arch, tmp_path):
         "steer": {"layers.0.resid_pre": fastpatch.Steer(pre), "layers.0.resid_post": fastpatch.Steer(post0),
                   "layers.2.resid_post": fastpatch.Steer(post2)},
         "mix": mix})
-    llm = engine(str(folder), {"patches": files}, skip_tokenizer_init=True, max_num_seqs=4)
     ids = [5, 17, 42, 99, 7, 3]
+    # The oracles run before the engine starts: vLLM's Transformers backend (OLMo 2, GPT-NeoX) decorates the
+    # Hugging Face model class in this process for its compiler, after which the plain HF model cannot run.
+    want_plain = hf_greedy(hf, ids, MAX_TOKENS)
+    want_steer = _hook_greedy(hf, ids, MAX_TOKENS, pre, {0: post0, 2: post2})
+    want_mix = _hf_fastpatch_or_none(hf, files["mix"], ids)
+    llm = engine(str(folder), {"patches": files}, skip_tokenizer_init=True, max_num_seqs=4)
     outs = llm.generate([TokensPrompt(prompt_token_ids=ids)] * 3, [sampling("steer"), sampling("mix"), sampling()],
                         use_tqdm=False)
     steer, mixed, plain = (tokens_and_logprobs(o) for o in outs)
-    _close(plain, hf_greedy(hf, ids, MAX_TOKENS))
-    _close(steer, _hook_greedy(hf, ids, MAX_TOKENS, pre, {0: post0, 2: post2}))
+    _close(plain, want_plain)
+    _close(steer, want_steer)
     assert steer[1] != plain[1]
-    want = _hf_fastpatch_or_none(hf, files["mix"], ids)
-    if want is None:
+    if want_mix is None:
         pytest.skip(f"the unpatched and the hook-oracle requests matched; HF fastpatch does not support {arch} "
                     "here, so the mix with resid_mid had no oracle")
-    _close(mixed, want)
+    _close(mixed, want_mix)
 
 
 # ---- without an engine: the mapping against vLLM's layer code, and the new forms --------------------------
