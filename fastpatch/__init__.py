@@ -4,7 +4,7 @@
 from .core import reference
 from .core.algebra import compose
 from .core.bank import PatchBank, as_bank
-from .core.patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LoReFT, LowRank, Patch, Steer
+from .core.patches import Ablate, CanonicalPatch, Clamp, Encoded, Gate, Gated, LoReFT, LowRank, Patch, Steer
 from .core.scope import Scope, Scoped
 from .kernels.autograd import TrainableBank
 from .kernels.ops import config, fused_add_norm
@@ -16,7 +16,7 @@ from .lifecycle import Registry, evaluate, fit
 from .core.version import __version__
 
 __all__ = [
-    "Ablate", "CanonicalPatch", "Clamp", "Gate", "Gated", "LoReFT", "LowRank", "Patch", "PatchBank",
+    "Ablate", "CanonicalPatch", "Clamp", "Encoded", "Gate", "Gated", "LoReFT", "LowRank", "Patch", "PatchBank",
     "Scope", "Scoped", "Steer", "TrainableBank", "as_bank", "config", "fused_add_norm", "reference",
     "Handle", "apply", "patched", "cast", "hooks",
     "compose", "fingerprint", "save", "load", "PatchFileError", "ModelMismatchError", "export_gguf", "import_gguf",

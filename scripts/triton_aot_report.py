@@ -51,13 +51,16 @@ DIVISIBLE_INTS = ("D", "rank")  # ints the JIT sees divisible by 16 on real shap
 # Optional parts per variant: which flags are on. "full" = every part; "plain" = no patch at all.
 VARIANTS = {
     "full": dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, IS_LAYER=True, HAS_PATCH=True,
-                 HAS_INDEX=True, HAS_LOWRANK=True, HAS_SHIFT=True, HAS_GATE=True, COUNT_FIRES=True),
+                 HAS_INDEX=True, HAS_LOWRANK=True, HAS_SHIFT=True, HAS_GATE=True, COUNT_FIRES=True,
+                 HAS_ACT=True),
     "plain": dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=False, IS_LAYER=False, HAS_PATCH=False,
-                  HAS_INDEX=False, HAS_LOWRANK=False, HAS_SHIFT=False, HAS_GATE=False, COUNT_FIRES=False),
+                  HAS_INDEX=False, HAS_LOWRANK=False, HAS_SHIFT=False, HAS_GATE=False, COUNT_FIRES=False,
+                  HAS_ACT=False),
 }
 
 POINTERS = ("x_ptr", "res_ptr", "w_ptr", "b_ptr", "out_ptr", "res_out_ptr", "down_ptr", "down_bias_ptr",
-            "up_ptr", "shift_ptr", "gate_dir_ptr", "gate_thr_ptr", "gate_mode_ptr", "index_ptr", "fire_ptr")
+            "up_ptr", "shift_ptr", "gate_dir_ptr", "gate_thr_ptr", "gate_mode_ptr", "act_thr_ptr", "index_ptr",
+            "fire_ptr")
 
 
 BANK_POINTERS = ("down_ptr", "down_bias_ptr", "up_ptr", "shift_ptr", "gate_dir_ptr")
@@ -78,7 +81,7 @@ def selects(config, mix: str, variant: str) -> bool:
 def _signature(kernel: str, dtype: str, bank: str) -> dict:
     """Argument types: activations and weight in ``dtype``, bank in ``bank``, int32 index."""
     pointer_types = {p: f"*{bank if p in BANK_POINTERS else dtype}" for p in POINTERS}
-    pointer_types.update(gate_thr_ptr="*fp32", gate_mode_ptr="*i32", index_ptr="*i32", fire_ptr="*i32")
+    pointer_types.update(gate_thr_ptr="*fp32", gate_mode_ptr="*i32", act_thr_ptr="*fp32", index_ptr="*i32", fire_ptr="*i32")
     if kernel == "row":
         scalars = {"D": "i32", "rank": "i32", "num_patches": "i32", "eps": "fp32", "weight_offset": "fp32"}
     else:

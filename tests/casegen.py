@@ -15,6 +15,13 @@ from fastpatch import reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KINDS = ("steer", "ablate", "clamp", "lowrank", "loreft")
+# Patches with a per-component activation (fastpatch.Encoded); "actmix" cycles ACT_MIX through one bank
+# (identity low-rank, ReLU, JumpReLU and a steer side by side, ranks padded to the largest).
+ACT_KINDS = ("relu", "jumprelu", "actmix")
+ACT_MIX = ("lowrank", "relu", "jumprelu", "steer")
+# No JumpReLU θ lies closer than this to any row's z: kernels round z differently from the float64
+# reference (fp32 sums), and a flip across the jump would be a real error, not rounding.
+JUMP_MARGIN = 1e-3
 
 # Tolerances against the float64 reference (rtol, atol). bf16 keeps 8 mantissa bits: the residual
 # is rounded once and the normed output twice (the norm reads the rounded residual).
@@ -25,10 +32,43 @@ TOLERANCES = {
 }
 
 
-def make_patch(kind: str, D: int, gen: torch.Generator, rank: int = 4) -> fp.Patch:
+def jump_thresholds(h: torch.Tensor, down: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Per component, a JumpReLU θ between the rows' z = h·downᵀ + bias values (the widest gap near the
+    median, as for gates) so that some rows pass the jump and some do not; with one row, θ sits 0.25
+    below z on even components (fires) and 0.25 above on odd ones (does not)."""
+    z = h @ down.T + bias  # [N, r]
+    out = []
+    for r in range(z.shape[1]):
+        v, _ = torch.sort(z[:, r])
+        if v.numel() == 1:
+            out.append(float(v[0]) + (-0.25 if r % 2 == 0 else 0.25))
+            continue
+        n = v.numel()
+        lo, hi = max(0, n // 4 - 1), min(n - 1, (3 * n) // 4 + 1)
+        j = int(torch.argmax(v[lo + 1:hi + 1] - v[lo:hi])) + lo
+        out.append(float((v[j] + v[j + 1]) / 2))
+    thr = torch.tensor(out, dtype=torch.float64)
+    margin = float((z - thr).abs().min())
+    if margin < JUMP_MARGIN:  # never silently flaky: a case this close is a bad draw, say so
+        raise AssertionError(f"casegen: a JumpReLU threshold lies {margin:.2g} from a row's z (< {JUMP_MARGIN}); "
+                             "pick another seed or size")
+    return thr
+
+
+def make_patch(kind: str, D: int, gen: torch.Generator, rank: int = 4,
+               h: Optional[torch.Tensor] = None) -> fp.Patch:
+    """A random patch of ``kind``; "jumprelu" places its thresholds between the z values of rows ``h``."""
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
+    if kind in ("relu", "jumprelu"):
+        down, bias, up = randn(rank, D) / D**0.5, randn(rank) * 0.5, randn(rank, D) / rank**0.5
+        if kind == "relu":
+            return fp.Encoded(down, bias, up, activation="relu")
+        if h is None:
+            h = randn(8, D)
+        return fp.Encoded(down, bias, up, shift=randn(D) * 0.1, activation="jumprelu",
+                          threshold=jump_thresholds(h, down, bias))
     if kind == "steer":
         return fp.Steer(randn(D), scale=0.5 + torch.rand(1, generator=gen).item())
     if kind == "ablate":
@@ -102,8 +142,9 @@ def make_case(N: int, D: int, dtype: torch.dtype, *, kind: Optional[str] = "stee
         patches = []
         for k in range(P):
             # kind="mix" cycles through kinds so one bank holds several kinds and ranks
-            kk = KINDS[k % len(KINDS)] if kind == "mix" else kind
-            p = make_patch(kk, D, gen, rank=rank)
+            kk = (KINDS[k % len(KINDS)] if kind == "mix" else ACT_MIX[k % len(ACT_MIX)] if kind == "actmix"
+                  else kind)
+            p = make_patch(kk, D, gen, rank=rank if kk != "relu" else rank + 1, h=h)
             if gated:
                 cond = torch.randn(D, generator=gen, dtype=torch.float64)
                 p = fp.Gated(p, cond, gate_threshold(h, cond, metric), metric=metric, fire=fire)

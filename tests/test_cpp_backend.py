@@ -25,7 +25,7 @@ if not cpp.is_available("cpu"):  # pragma: no cover - a machine without a C++ to
 
 ROWS = (1, 3, 64, 257)
 HIDDEN = (1, 64, 768, 4097)
-KINDS = ("steer", "ablate", "clamp", "lowrank", "loreft", "mix")
+KINDS = ("steer", "ablate", "clamp", "lowrank", "loreft", "mix", "relu", "jumprelu", "actmix")
 GATED = (False, True)
 INDEX_MODES = ("none", "all_off", "mixed")
 NORMS = ("rms", "layer")
@@ -35,7 +35,7 @@ SMALL_HIDDEN = (1, 64, 768)
 
 
 def check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=0, **kw):
-    num_patches = 6 if kind == "mix" else 3  # "mix" cycles all five kinds through one bank
+    num_patches = 6 if kind == "mix" else 4 if kind == "actmix" else 3  # "mix" cycles all five kinds
     if gated and D == 1 and "metric" not in kw:
         # At D = 1 every row's cosine is exactly ±1, so casegen's threshold lands on the metric
         # values themselves and fp32 rounding decides the gate; the projection has real gaps.
@@ -327,12 +327,13 @@ def _op_args(case, fire_counts=None):
     out, res_out = torch.empty_like(case.x), torch.empty_like(case.x)
     if bank is None:
         return (case.x, case.residual, case.weight, case.bias, case.eps, norm_kind, 0.0,
-                None, None, None, None, None, None, None, None, None, out, res_out)
+                None, None, None, None, None, None, None, None, None, None, out, res_out)
     lr = bank.rank > 0
     return (case.x, case.residual, case.weight, case.bias, case.eps, norm_kind, 0.25,
             bank.down if lr else None, bank.bias if lr else None, bank.up if lr else None,
             bank.shift if bank.has_shift else None, bank.gate_dir if bank.has_gate else None,
-            bank.gate_threshold if bank.has_gate else None, bank.gate_mode, case.index, fire_counts,
+            bank.gate_threshold if bank.has_gate else None, bank.gate_mode, bank.act_threshold, case.index,
+            fire_counts,
             out, res_out)
 
 
@@ -341,7 +342,8 @@ def _op_args(case, fire_counts=None):
     dict(kind="steer", norm="layer", residual=False),
     dict(kind="mix", gated=True, index_mode="mixed", num_patches=5, counts=True),
     dict(kind="lowrank", dtype=torch.bfloat16, bank_dtype=torch.bfloat16, index_mode="mixed"),
-], ids=("no-bank", "steer-layer", "mix-gated-counts", "bf16-lowrank"))
+    dict(kind="actmix", index_mode="mixed", num_patches=4, counts=True),
+], ids=("no-bank", "steer-layer", "mix-gated-counts", "bf16-lowrank", "activations"))
 def test_opcheck(setup):
     setup = dict(setup)
     counts = torch.zeros(setup.pop("num_patches", 3), dtype=torch.int32) if setup.pop("counts", False) else None

@@ -184,7 +184,7 @@ def test_gradcheck_float64():
 
         def f(x, r, w, down, lb, up, shift, b=b):
             return ag._FusedAddPatchNorm.apply(x, r, w, b, down, lb, up, shift, reference_backend.run, 1e-5, kind,
-                                               offset, gate, idx, None)
+                                               offset, gate, None, idx, None)
 
         assert torch.autograd.gradcheck(f, (x, r, w, *tensors), eps=1e-6, atol=1e-6)
 

@@ -18,12 +18,12 @@ import torch
 
 import fastpatch as fp
 from fastpatch.kernels import backends
-from casegen import DTYPES, KINDS, TOLERANCES, assert_matches_reference, make_case, run_backend
+from casegen import ACT_KINDS, DTYPES, KINDS, TOLERANCES, assert_matches_reference, make_case, run_backend
 
 triton_backend = pytest.importorskip("fastpatch.kernels.backends.triton_backend")
 from fastpatch.kernels.triton_ops import dispatch  # noqa: E402
 
-ALL_KINDS = KINDS + ("mix",)
+ALL_KINDS = KINDS + ("mix",) + ACT_KINDS
 gpu = pytest.mark.gpu
 
 
@@ -52,7 +52,8 @@ def _id(v):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_every_kind_and_dtype(device, dtype, kind):
-    check(device, N=3, D=64, dtype=dtype, kind=kind, index_mode="mixed" if kind == "mix" else "none")
+    check(device, N=3, D=64, dtype=dtype, kind=kind, index_mode="mixed" if kind in ("mix", "actmix") else "none",
+          num_patches=4 if kind == "actmix" else 3)
 
 
 # (N, D) over the required rows {1, 3, 64, 257} and widths {1, 64, 768, 4097}: each N and each D at
@@ -218,6 +219,27 @@ def test_tile_grouped_by_patch(device, dtype, D, monkeypatch):
     assert counts.cpu().tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("D", (80, 150), ids=("one-chunk", "chunked"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_tile_activations(device, dtype, D, monkeypatch):
+    """Per-component activations on the tl.dot tile kernel: a JumpReLU patch on every row (not grouped)
+    and identity / ReLU / JumpReLU / steer patches by a per-row index incl. −1 (grouped). The bank stays
+    float32 so the reference reads the same θ-relative z (a 16-bit bank would round z by more than the
+    margin casegen keeps from every jump)."""
+    if D == 150:
+        monkeypatch.setattr(dispatch, "ONE_CHUNK_MAX_D", 64)
+    N = 70
+    single = make_case(N, D, dtype, kind="jumprelu", rank=16, device=device, seed=5)
+    mixed = make_case(N, D, dtype, kind="actmix", rank=16, index_mode="mixed", num_patches=4, gated=True,
+                      device=device, seed=6)
+    for case, grouped in ((single, False), (mixed, True)):
+        cfg = dispatch.select(N, D, case.bank.rank, case.index is not None, case.bank.num_patches, True)
+        assert cfg.kernel == "tile" and cfg.GROUPED == grouped
+        assert case.bank.has_activation and case.bank.act_threshold is not None
+        out, res = run_backend(case, "triton")
+        assert_matches_reference(case, out, res)
+
+
 @pytest.mark.parametrize("index_dtype", (torch.int32, torch.int64), ids=_id)
 def test_tile_grouped_out_of_range_index_means_no_patch(device, index_dtype, monkeypatch):
     monkeypatch.setattr(fp.config, "check_index_values", False)
@@ -245,7 +267,7 @@ def test_index_into_many_patches_with_steers_takes_row_kernel(device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("kind,gated,norm", [("mix", True, "layer"), ("lowrank", False, "rms"),
-                                             ("steer", True, "rms")])
+                                             ("steer", True, "rms"), ("actmix", True, "layer")])
 def test_chunked_row_path(device, dtype, kind, gated, norm, monkeypatch):
     """D above the single-pass limit: multi-pass over chunks (limits shrunk so the interpreter is quick)."""
     monkeypatch.setattr(dispatch, "MAX_SINGLE_PASS_D", 64)
@@ -253,7 +275,8 @@ def test_chunked_row_path(device, dtype, kind, gated, norm, monkeypatch):
     cfg = dispatch.select(3, 150, 4)
     assert cfg.kernel == "row" and not cfg.SINGLE_PASS
     check(device, N=3, D=150, dtype=dtype, kind=kind, gated=gated, norm=norm,
-          index_mode="mixed" if kind == "mix" else "none", residual=dtype != torch.float16)
+          index_mode="mixed" if kind in ("mix", "actmix") else "none", residual=dtype != torch.float16,
+          num_patches=4 if kind == "actmix" else 3)
 
 
 def test_real_chunked_width(device):
@@ -308,7 +331,7 @@ def test_opcheck(device):
     b = case.bank
     out, res = torch.empty_like(case.x), torch.empty_like(case.x)
     args = (case.x, case.residual, case.weight, None, 1e-6, 0, 0.0, b.down, b.bias, b.up, None, b.gate_dir,
-            b.gate_threshold, b.gate_mode, None, None, out, res, 1)
+            b.gate_threshold, b.gate_mode, b.act_threshold, None, None, out, res, 1)
     torch.library.opcheck(torch.ops.fastpatch.fused_add_norm_triton.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 

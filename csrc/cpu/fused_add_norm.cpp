@@ -268,6 +268,7 @@ struct Problem {
   const void* gate_dir = nullptr;   // [P, D], null when no patch is gated
   const float* gate_threshold = nullptr;
   const int32_t* gate_mode = nullptr;
+  const float* act_threshold = nullptr;  // [P, R] fp32 levels, null when every component is identity
   const void* index = nullptr;  // null with a bank: patch 0 on every row
   bool index_is_64 = false;
   int32_t* fire_counts = nullptr;
@@ -518,6 +519,15 @@ void lowrank_block(const Problem& p, int64_t k, const int64_t* rows, float* cons
   } else {
     down_project_block<B, NB>(bufs, down, bias, R, D, z);
   }
+  if (p.act_threshold) {
+    // Per-component activation (fastpatch.core.bank.PatchBank.act_threshold): φ(z) = z if z > t
+    // else 0, one compare + select per component (t = -inf identity, 0 ReLU, max(θ, 0) JumpReLU).
+    // Identity banks pass null and never enter this loop.
+    const float* t = p.act_threshold + k * R;
+    for (int b = 0; b < NB; ++b) {
+      for (int64_t r = 0; r < R; ++r) z[b * R + r] = z[b * R + r] > t[r] ? z[b * R + r] : 0.f;
+    }
+  }
   T* res_outs[NB];
   float sums[NB], sumsqs[NB];
   for (int b = 0; b < NB; ++b) res_outs[b] = static_cast<T*>(p.residual_out) + rows[b] * D;
@@ -666,8 +676,8 @@ void fused_add_norm_cpu(
     const std::optional<at::Tensor>& down_in, const std::optional<at::Tensor>& down_bias_in,
     const std::optional<at::Tensor>& up_in, const std::optional<at::Tensor>& shift_in,
     const std::optional<at::Tensor>& gate_dir_in, const std::optional<at::Tensor>& gate_threshold,
-    const std::optional<at::Tensor>& gate_mode, const std::optional<at::Tensor>& index,
-    const std::optional<at::Tensor>& fire_counts, const at::Tensor& out,
+    const std::optional<at::Tensor>& gate_mode, const std::optional<at::Tensor>& act_threshold,
+    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& fire_counts, const at::Tensor& out,
     const at::Tensor& residual_out) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D [rows, hidden]");
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
@@ -756,6 +766,10 @@ void fused_add_norm_cpu(
                   "a gated bank needs float32 gate_threshold");
       check_param(gate_threshold, "gate_threshold", P);
     }
+    if (act_threshold.has_value()) {
+      TORCH_CHECK(act_threshold->scalar_type() == at::kFloat, "act_threshold must be float32 [P, R]");
+      check_param(act_threshold, "act_threshold", P * R);
+    }
     if (index.has_value()) {
       TORCH_CHECK(index->scalar_type() == at::kInt || index->scalar_type() == at::kLong,
                   "index must be int32 or int64");
@@ -775,12 +789,14 @@ void fused_add_norm_cpu(
     p.gate_dir = ptr_or_null(gate_dir);
     p.gate_threshold = gate_threshold.has_value() ? gate_threshold->data_ptr<float>() : nullptr;
     p.gate_mode = gate_mode->data_ptr<int32_t>();
+    p.act_threshold = (R > 0 && act_threshold.has_value()) ? act_threshold->data_ptr<float>() : nullptr;
     p.index = ptr_or_null(index);
     p.index_is_64 = index.has_value() && index->scalar_type() == at::kLong;
     p.fire_counts = fire_counts.has_value() ? fire_counts->data_ptr<int32_t>() : nullptr;
   } else {
     TORCH_CHECK(!down_in.has_value() && !up_in.has_value() && !shift_in.has_value() &&
-                    !gate_dir_in.has_value() && !index.has_value() && !fire_counts.has_value(),
+                    !gate_dir_in.has_value() && !act_threshold.has_value() && !index.has_value() &&
+                    !fire_counts.has_value(),
                 "bank tensors, index and fire_counts need gate_mode (it marks a bank)");
   }
   if (N == 0) return;
@@ -812,7 +828,7 @@ bool index_in_range(const at::Tensor& index, int64_t num_patches) {
 
 // The public op's fast path (fastpatch/kernels/ops.py): the parts of a call that stay the same from
 // call to call (norm weight and bias, eps, norm kind, offset, the bank's tensors), checked once in
-// Python and held here, so a call passes 6 tensors instead of 18 (pybind11 converts each argument,
+// Python and held here, so a call passes 6 tensors instead of 19 (pybind11 converts each argument,
 // ~25 ns apiece) and the per-call checks below run in C++. run() answers false for anything it does
 // not take (another hidden size, shapes that differ from x's, an index out of range) and
 // fused_add_norm_cpu throws for anything inconsistent, both before any memory is touched; the
@@ -822,11 +838,13 @@ class Plan {
   Plan(std::optional<at::Tensor> weight, std::optional<at::Tensor> bias, double eps, int64_t norm_kind,
        double weight_offset, std::optional<at::Tensor> down, std::optional<at::Tensor> down_bias,
        std::optional<at::Tensor> up, std::optional<at::Tensor> shift, std::optional<at::Tensor> gate_dir,
-       std::optional<at::Tensor> gate_threshold, std::optional<at::Tensor> gate_mode, int64_t hidden)
+       std::optional<at::Tensor> gate_threshold, std::optional<at::Tensor> gate_mode,
+       std::optional<at::Tensor> act_threshold, int64_t hidden)
       : weight_(std::move(weight)), bias_(std::move(bias)), eps_(eps), norm_kind_(norm_kind),
         weight_offset_(weight_offset), down_(std::move(down)), down_bias_(std::move(down_bias)),
         up_(std::move(up)), shift_(std::move(shift)), gate_dir_(std::move(gate_dir)),
-        gate_threshold_(std::move(gate_threshold)), gate_mode_(std::move(gate_mode)), hidden_(hidden),
+        gate_threshold_(std::move(gate_threshold)), gate_mode_(std::move(gate_mode)),
+        act_threshold_(std::move(act_threshold)), hidden_(hidden),
         num_patches_(gate_mode_.has_value() ? gate_mode_->numel() : 0) {}
 
   bool run(const at::Tensor& x, const std::optional<at::Tensor>& residual,
@@ -840,7 +858,7 @@ class Plan {
         if (check_index && !index_in_range(*index, num_patches_)) return false;
       }
       fused_add_norm_cpu(x, residual, weight_, bias_, eps_, norm_kind_, weight_offset_, down_, down_bias_,
-                         up_, shift_, gate_dir_, gate_threshold_, gate_mode_, index, fire_counts, out,
+                         up_, shift_, gate_dir_, gate_threshold_, gate_mode_, act_threshold_, index, fire_counts, out,
                          residual_out);
       return true;
     }
@@ -860,7 +878,8 @@ class Plan {
       if (check_index && !index_in_range(*index1d, num_patches_)) return false;
     }
     fused_add_norm_cpu(x.view({-1, D}), res2d, weight_, bias_, eps_, norm_kind_, weight_offset_, down_,
-                       down_bias_, up_, shift_, gate_dir_, gate_threshold_, gate_mode_, index1d, fire_counts,
+                       down_bias_, up_, shift_, gate_dir_, gate_threshold_, gate_mode_, act_threshold_, index1d,
+                       fire_counts,
                        out.view({-1, D}), residual_out.view({-1, D}));
     return true;
   }
@@ -870,7 +889,7 @@ class Plan {
   double eps_;
   int64_t norm_kind_;
   double weight_offset_;
-  std::optional<at::Tensor> down_, down_bias_, up_, shift_, gate_dir_, gate_threshold_, gate_mode_;
+  std::optional<at::Tensor> down_, down_bias_, up_, shift_, gate_dir_, gate_threshold_, gate_mode_, act_threshold_;
   int64_t hidden_, num_patches_;
 };
 
@@ -893,7 +912,8 @@ TORCH_LIBRARY(fastpatch_cpp, m) {
   m.def(
       "fused_add_norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
       "int norm_kind, float weight_offset, Tensor? down, Tensor? down_bias, Tensor? up, "
-      "Tensor? shift, Tensor? gate_dir, Tensor? gate_threshold, Tensor? gate_mode, Tensor? index, "
+      "Tensor? shift, Tensor? gate_dir, Tensor? gate_threshold, Tensor? gate_mode, Tensor? act_threshold, "
+      "Tensor? index, "
       "Tensor(a!)? fire_counts, Tensor(b!) out, Tensor(c!) residual_out) -> ()");
 }
 
@@ -902,7 +922,7 @@ TORCH_LIBRARY_IMPL(fastpatch_cpp, CPU, m) {
 }
 
 // The same function as a plain Python binding: calling a dispatcher op from Python costs ~4 µs
-// (boxing 18 arguments against the schema), a pybind11 call ~0.5 µs, and this op runs twice per
+// (boxing 19 arguments against the schema), a pybind11 call ~0.5 µs, and this op runs twice per
 // decoder layer per token. fastpatch/kernels/backends/cpp.py calls this in eager mode and the registered
 // op above while torch.compile traces.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -912,7 +932,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::optional<at::Tensor>, std::optional<at::Tensor>, double, int64_t, double,
                           std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
-                          std::optional<at::Tensor>, int64_t>())
+                          std::optional<at::Tensor>, std::optional<at::Tensor>, int64_t>())
       .def("run", &fastpatch::cpu::Plan::run);
   m.def("built_with_openmp", &fastpatch::cpu::built_with_openmp,
         "whether at::parallel_for in this build can run on several threads");

@@ -5,7 +5,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .patches import GATE_NONE, CanonicalPatch, Patch, to_canonical
+from .patches import ACT_IDENTITY, ACT_JUMPRELU, ACTIVATIONS, GATE_NONE, CanonicalPatch, Patch, to_canonical
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -19,6 +19,14 @@ class PatchBank:
     - ``shift`` [P, D]: the constant part
     - ``gate_dir`` [P, D] (unit condition vectors, zero rows for ungated patches),
       ``gate_threshold`` [P] float32, ``gate_mode`` [P] int32 (``fastpatch.core.patches.GATE_*``)
+
+    - ``act_mode`` [P, R] int32 (``fastpatch.core.patches.ACT_*``) and ``act_jump`` [P, R] float64
+      (JumpReLU θ): the activation of each component, as the reference reads it;
+      ``act_threshold`` [P, R] float32, what the kernels read: φ(z) = z if z > t else 0 with
+      t = −inf (identity), 0 (ReLU), max(θ, 0) (JumpReLU: ReLU(z)·[z > θ] is z·[z > max(θ, 0)]).
+      ``has_activation`` is False when every component is the identity: the kernels then get
+      no ``act_threshold`` and run today's code. Padding components (rank < R) are identity with
+      zero down/bias/up, so they add nothing.
 
     Float tensors are in ``self.dtype`` (float32 by default); ``gate_threshold`` is always
     float32. Validation (shapes, finite values) happens once, here.
@@ -54,8 +62,15 @@ class PatchBank:
         gate_dir = torch.zeros(P, D, dtype=torch.float64)
         gate_threshold = torch.zeros(P, dtype=torch.float64)
         gate_mode = torch.full((P,), GATE_NONE, dtype=torch.int32)
+        act_mode = torch.full((P, R), ACT_IDENTITY, dtype=torch.int32)
+        act_jump = torch.zeros(P, R, dtype=torch.float64)
         for k, c in enumerate(canon):
             r = c.rank
+            if r and not c.is_identity:
+                act_mode[k, :r] = torch.tensor([ACTIVATIONS[a] for a in c.activations], dtype=torch.int32)
+                if c.threshold is not None:
+                    act_jump[k, :r] = torch.where(act_mode[k, :r] == ACT_JUMPRELU, c.threshold,
+                                                  torch.zeros_like(c.threshold))
             down[k, :r] = c.down
             up[k, :r] = c.up
             bias[k, :r] = c.bias
@@ -70,6 +85,13 @@ class PatchBank:
         self._f64 = dict(down=down, up=up, bias=bias, shift=shift, gate_dir=gate_dir,
                          gate_threshold=gate_threshold)
         self.gate_mode = gate_mode
+        self.act_mode = act_mode
+        self.act_jump = act_jump
+        self.has_activation = bool((act_mode != ACT_IDENTITY).any())
+        # The kernels' level t per component (see the class docstring); -inf keeps identity
+        # components (and padding) linear through the same one compare + select.
+        level = torch.where(act_mode == ACT_JUMPRELU, act_jump.clamp(min=0.0), torch.zeros_like(act_jump))
+        self._act_level = torch.where(act_mode == ACT_IDENTITY, torch.full_like(level, -float("inf")), level)
         self.has_gate = bool((gate_mode != GATE_NONE).any())
         self.has_shift = bool((shift != 0).any())
         self._materialise(torch.device("cpu") if device is None else torch.device(device), dtype)
@@ -85,6 +107,9 @@ class PatchBank:
         self.gate_dir = f["gate_dir"].to(device=device, dtype=dtype).contiguous()
         self.gate_threshold = f["gate_threshold"].to(device=device, dtype=torch.float32).contiguous()
         self.gate_mode = self.gate_mode.to(device=device).contiguous()
+        # float32 whatever the bank dtype: θ compares against z, which every kernel holds in fp32
+        self.act_threshold = (self._act_level.to(device=device, dtype=torch.float32).contiguous()
+                              if self.has_activation else None)
 
     @property
     def num_patches(self) -> int:
@@ -106,14 +131,16 @@ class PatchBank:
     def tensors(self) -> dict:
         """The bank's device tensors by name, as the kernels take them."""
         return dict(down=self.down, bias=self.bias, up=self.up, shift=self.shift,
-                    gate_dir=self.gate_dir, gate_threshold=self.gate_threshold, gate_mode=self.gate_mode)
+                    gate_dir=self.gate_dir, gate_threshold=self.gate_threshold, gate_mode=self.gate_mode,
+                    act_threshold=self.act_threshold)
 
     def float64(self) -> dict:
         """The exact float64 CPU parameters (what the reference computes with)."""
-        return dict(self._f64, gate_mode=self.gate_mode.cpu())
+        return dict(self._f64, gate_mode=self.gate_mode.cpu(), act_mode=self.act_mode, act_jump=self.act_jump)
 
     def __repr__(self) -> str:
-        kinds = ",".join(c.kind + ("+gate" if c.gate is not None else "") for c in self.canonical_patches[:8])
+        kinds = ",".join(c.kind + ("+gate" if c.gate is not None else "")
+                         + ("" if c.is_identity else f"+{c.activation if isinstance(c.activation, str) else 'mixed'}") for c in self.canonical_patches[:8])
         more = "" if self.num_patches <= 8 else f",…(+{self.num_patches - 8})"
         return (f"PatchBank(P={self.num_patches}, hidden_size={self.hidden_size}, rank={self.rank}, "
                 f"dtype={self.dtype}, device={self.device}, kinds=[{kinds}{more}])")

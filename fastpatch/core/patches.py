@@ -2,10 +2,12 @@
 
 Every patch, whatever its kind, acts on a residual-stream row h in R^D as
 
-    h' = h + g(h) * ((h @ down.T + bias) @ up + shift)
+    h' = h + g(h) * (φ(h @ down.T + bias) @ up + shift)
 
-with ``down`` and ``up`` of shape [r, D] (r may be 0), ``bias`` [r], ``shift`` [D]
-and a gate g(h) in {0, 1}. Backends only ever see that form (stacked into a
+with ``down`` and ``up`` of shape [r, D] (r may be 0), ``bias`` [r], ``shift`` [D],
+a gate g(h) in {0, 1} and a per-component activation φ on z = h·downᵀ + bias: identity
+(the default), ReLU, or JumpReLU (z where z > θ_i and z > 0, else 0: SAELens' JumpReLUSAE,
+ReLU(z)·[z > θ]). Backends only ever see that form (stacked into a
 :class:`~fastpatch.core.bank.PatchBank`), so adding a patch kind never touches a kernel.
 """
 from __future__ import annotations
@@ -22,6 +24,14 @@ GATE_COSINE_ABOVE = 1
 GATE_COSINE_BELOW = 2
 GATE_PROJECTION_ABOVE = 3
 GATE_PROJECTION_BELOW = 4
+
+# Activations on z = h·downᵀ + bias, per component, as the kernels see them. Every kernel applies
+# one as φ(z) = z if z > t else 0 with a per-component level t (-inf, 0, max(θ, 0)): see
+# PatchBank.act_threshold.
+ACT_IDENTITY = 0
+ACT_RELU = 1
+ACT_JUMPRELU = 2
+ACTIVATIONS = {"identity": ACT_IDENTITY, "relu": ACT_RELU, "jumprelu": ACT_JUMPRELU}
 
 _METRICS = ("cosine", "projection")
 _FIRE = ("above", "below")
@@ -78,9 +88,13 @@ class Gate:
 
 @dataclass(frozen=True)
 class CanonicalPatch:
-    """The one form every backend applies: h + g(h)·((h·downᵀ + bias)·up + shift).
+    """The one form every backend applies: h + g(h)·(φ(h·downᵀ + bias)·up + shift).
 
     Tensors are float64 on the CPU; a bank converts them to the serving dtype/device.
+    ``activation``: φ for every component ("identity", "relu", "jumprelu"), or a tuple with one
+    name per component (what :func:`fastpatch.compose` makes of mixed parts). ``threshold`` [r]:
+    the JumpReLU thresholds θ (required when a component is "jumprelu"; entries of the other
+    components are ignored).
     """
 
     down: torch.Tensor  # [r, D]
@@ -90,6 +104,20 @@ class CanonicalPatch:
     gate: Optional[Gate] = None
     kind: str = "affine"
     params: dict = field(default_factory=dict, compare=False)
+    activation: Any = "identity"  # str, or tuple of str (one per component)
+    threshold: Optional[torch.Tensor] = None  # [r], JumpReLU θ
+
+    @property
+    def activations(self) -> tuple:
+        """The activation name of each of the r components."""
+        if isinstance(self.activation, str):
+            return (self.activation,) * self.rank
+        return tuple(self.activation)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when φ is the identity on every component (the patch is affine in h)."""
+        return all(a == "identity" for a in self.activations)
 
     @property
     def hidden_size(self) -> int:
@@ -115,6 +143,51 @@ class CanonicalPatch:
             raise ValueError(
                 f"gate condition has shape {tuple(self.gate.condition.shape)}, expected ({d},)"
             )
+        self._check_activation(r)
+
+    def _check_activation(self, r: int) -> None:
+        act = self.activation
+        names = [act] if isinstance(act, str) else list(act) if isinstance(act, (tuple, list)) else None
+        if names is None or not all(isinstance(a, str) for a in names):
+            raise TypeError(f"activation must be one of {tuple(ACTIVATIONS)} or a tuple of them (one per "
+                            f"component), got {act!r}")
+        for a in names:
+            if a not in ACTIVATIONS:
+                raise ValueError(f"activation {a!r} is not one of {tuple(ACTIVATIONS)}")
+        if not isinstance(act, str):
+            if len(names) != r:
+                raise ValueError(f"activation has {len(names)} entries, the patch has rank {r}: give one "
+                                 "name per component, or one name for all")
+            if len(set(names)) <= 1:  # one name for all: keep the plain form (compare, files, repr)
+                object.__setattr__(self, "activation", names[0] if names else "identity")
+            else:
+                object.__setattr__(self, "activation", tuple(names))
+        needs = "jumprelu" in names
+        if self.threshold is None:
+            if needs and r > 0:
+                raise ValueError("a jumprelu activation needs threshold=[θ_1..θ_r] (one per component): "
+                                 "pass the SAE's per-feature thresholds")
+            return
+        thr = _as_float_tensor("threshold", self.threshold, 1) if r > 0 else self.threshold.detach()
+        if thr.shape != (r,):
+            raise ValueError(f"threshold must have shape ({r},) (one per component), got {tuple(thr.shape)}")
+        if not needs:
+            raise ValueError(f"threshold is only used by jumprelu components; this patch's activation is "
+                             f"{self.activation!r}: drop threshold= or use activation='jumprelu'")
+        object.__setattr__(self, "threshold", thr.to(torch.float64))
+
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        """φ(z) for z [N, r] in z's dtype: identity, ReLU or JumpReLU (ReLU(z)·[z > θ]) per component."""
+        if self.is_identity:
+            return z
+        acts = self.activations
+        relu = torch.tensor([a != "identity" for a in acts], device=z.device)
+        out = torch.where(relu & (z <= 0), torch.zeros_like(z), z)
+        if self.threshold is not None:
+            jump = torch.tensor([a == "jumprelu" for a in acts], device=z.device)
+            thr = self.threshold.to(device=z.device, dtype=z.dtype)
+            out = torch.where(jump & (z <= thr), torch.zeros_like(z), out)
+        return out
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         """The ungated edit for rows ``h`` [N, D], in h's dtype (used by the reference and hooks)."""
@@ -122,7 +195,7 @@ class CanonicalPatch:
         out = self.shift.to(device=h.device, dtype=dt).expand_as(h).clone()
         if self.rank:
             z = h @ self.down.to(device=h.device, dtype=dt).T + self.bias.to(device=h.device, dtype=dt)
-            out = out + z @ self.up.to(device=h.device, dtype=dt)
+            out = out + self.activate(z) @ self.up.to(device=h.device, dtype=dt)
         return out
 
     def fires(self, h: torch.Tensor) -> torch.Tensor:
@@ -328,6 +401,57 @@ class LowRank(Patch):
         return self._canon
 
 
+class Encoded(Patch):
+    """Encode, activate, decode: δ = φ(h·downᵀ + bias)·up + shift, φ per component.
+
+    ``down`` [r, D] (rows: encoder directions, e.g. an SAE's W_enc columns), ``bias`` [r] (e.g.
+    b_enc − b_dec·W_enc), ``up`` [r, D] (what each active component adds, e.g. −W_dec rows for an
+    ablation), ``shift`` [D]. ``activation``: "identity", "relu" or "jumprelu" (ReLU(z)·[z > θ],
+    SAELens' JumpReLUSAE), or one name per component; ``threshold`` [r]: θ, for jumprelu.
+    """
+
+    kind = "encoded"
+
+    def __init__(self, down: torch.Tensor, bias: Optional[torch.Tensor], up: torch.Tensor,
+                 shift: Optional[torch.Tensor] = None, activation: Any = "relu",
+                 threshold: Optional[torch.Tensor] = None):
+        self.down = _as_float_tensor("Encoded down", down, 2)
+        self.up = _as_float_tensor("Encoded up", up, 2)
+        r, d = self.down.shape
+        if self.up.shape != (r, d):
+            raise ValueError(f"Encoded up must have the shape of down {(r, d)} (rank, hidden), "
+                             f"got {tuple(self.up.shape)}")
+        self.bias = None if bias is None else _as_float_tensor("Encoded bias", bias, 1)
+        if self.bias is not None and self.bias.shape != (r,):
+            raise ValueError(f"Encoded bias must have shape ({r},), got {tuple(self.bias.shape)}")
+        self.shift = None if shift is None else _as_float_tensor("Encoded shift", shift, 1)
+        if self.shift is not None and self.shift.shape != (d,):
+            raise ValueError(f"Encoded shift must have shape ({d},), got {tuple(self.shift.shape)}")
+        # lists become tuples (hashable, as CanonicalPatch keeps them); anything else is its to refuse
+        self.activation = tuple(activation) if isinstance(activation, list) else activation
+        self.threshold = None if threshold is None else torch.as_tensor(threshold)
+        self._canon: Optional[CanonicalPatch] = None
+        self.canonical()  # validates activation/threshold now, not at first use
+
+    def canonical(self) -> CanonicalPatch:
+        if self._canon is None:
+            r, d = self.down.shape
+            f = torch.float64
+            self._canon = CanonicalPatch(
+                self.down.to(f).clone(),
+                torch.zeros(r, dtype=f) if self.bias is None else self.bias.to(f).clone(),
+                self.up.to(f).clone(),
+                torch.zeros(d, dtype=f) if self.shift is None else self.shift.to(f).clone(),
+                kind=self.kind, activation=self.activation,
+                threshold=None if self.threshold is None else self.threshold.to(f).clone(),
+            )
+        return self._canon
+
+    def __repr__(self) -> str:
+        c = self.canonical()
+        return f"Encoded(hidden_size={c.hidden_size}, rank={c.rank}, activation={c.activation!r})"
+
+
 class LoReFT(Patch):
     """pyreft's intervention: δ = Rᵀ(W h + b − R h) with R, W [r, D] and b [r]."""
 
@@ -395,7 +519,8 @@ class Gated(Patch):
             gate = Gate(self._unit_condition, self.threshold, self.metric, self.fire)
             self._canon = CanonicalPatch(
                 inner.down, inner.bias, inner.up, inner.shift, gate=gate,
-                kind=inner.kind, params=dict(inner.params),
+                kind=inner.kind, params=dict(inner.params), activation=inner.activation,
+                threshold=inner.threshold,
             )
         return self._canon
 

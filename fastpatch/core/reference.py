@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .bank import PatchBank
-from .patches import GATE_COSINE_ABOVE, GATE_COSINE_BELOW, GATE_NONE, GATE_PROJECTION_ABOVE
+from .patches import ACT_IDENTITY, ACT_JUMPRELU, GATE_COSINE_ABOVE, GATE_COSINE_BELOW, GATE_NONE, GATE_PROJECTION_ABOVE
 
 NORM_KINDS = {"rms": 0, "layer": 1}
 
@@ -29,6 +29,12 @@ def patch_rows(h: torch.Tensor, bank: PatchBank, index: Optional[torch.Tensor],
 
     down, bias, up, shift = p["down"][k], p["bias"][k], p["up"][k], p["shift"][k]
     z = torch.einsum("nd,nrd->nr", h, down) + bias
+    # The activation as SAELens writes it, not as the kernels do (one compare against a level):
+    # ReLU for relu and jumprelu, then JumpReLU's mask [z > θ]; identity components pass z.
+    mode_r = p["act_mode"][k].to(h.device)
+    relu_z = torch.where(z > 0, z, torch.zeros_like(z))
+    jumped = relu_z * (z > p["act_jump"][k]).to(z.dtype)
+    z = torch.where(mode_r == ACT_IDENTITY, z, torch.where(mode_r == ACT_JUMPRELU, jumped, relu_z))
     delta = torch.einsum("nr,nrd->nd", z, up) + shift
 
     mode = p["gate_mode"][k].to(h.device)

@@ -84,6 +84,10 @@ def _steering_vector(site: str, value) -> Optional[torch.Tensor]:
         c = value.canonical()
         if c.rank == 0 and c.gate is None:  # e.g. a composition of steering patches
             return c.shift.to(torch.float64)
+        if not c.is_identity:
+            raise ValueError(f"site {site!r}: a {c.kind} patch with a {c.activation!r} activation (rank {c.rank}) "
+                             "cannot be exported: a control vector adds one constant vector per layer, with no "
+                             "encoder and no activation; keep it in a fastpatch file (fastpatch.save)")
         raise ValueError(f"site {site!r}: a {c.kind} patch (rank {c.rank}) is not a steering vector; only "
                          "steering-only patch sets can be exported to GGUF")
     raise ValueError(f"site {site!r}: a {type(value).__name__} cannot be exported; control vectors hold one "

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 
 from ..core.bank import PatchBank
-from ..core.patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LoReFT, LowRank, Patch, Steer
+from ..core.patches import Ablate, CanonicalPatch, Clamp, Encoded, Gate, Gated, LoReFT, LowRank, Patch, Steer
 from ..core.scope import Scope, Scoped
 from ..core.sites import split_site
 
@@ -107,6 +107,11 @@ def _gate_spec(gate_tensor_name: str, threshold: float, metric: str, fire: str) 
     return {"metric": metric, "fire": fire, "threshold": threshold, "condition": gate_tensor_name}
 
 
+def _activation_spec(activation: Any):
+    """The manifest's "activation": one name, or a list with one name per component."""
+    return activation if isinstance(activation, str) else list(activation)
+
+
 def _encode_patch(p: Any, prefix: str, tensors: dict) -> dict:
     """Manifest entry for one patch; its tensors go into ``tensors`` under ``prefix.*``."""
     def put(field: str, t: torch.Tensor) -> str:
@@ -131,6 +136,12 @@ def _encode_patch(p: Any, prefix: str, tensors: dict) -> dict:
     if isinstance(p, LoReFT):
         return {"kind": "loreft", "params": {},
                 "tensors": {"R": put("R", p.R), "W": put("W", p.W), "b": put("b", p.b)}}
+    if isinstance(p, Encoded):
+        names = {"down": put("down", p.down), "up": put("up", p.up)}
+        for f in ("bias", "shift", "threshold"):
+            if getattr(p, f) is not None:
+                names[f] = put(f, getattr(p, f))
+        return {"kind": "encoded", "params": {}, "activation": _activation_spec(p.activation), "tensors": names}
     if isinstance(p, CanonicalPatch):
         try:
             params = json.loads(json.dumps(p.params, allow_nan=False))
@@ -144,10 +155,17 @@ def _encode_patch(p: Any, prefix: str, tensors: dict) -> dict:
         if p.gate is not None:
             g = p.gate
             spec["gate"] = _gate_spec(put("condition", g.condition), g.threshold, g.metric, g.fire)
+        if not p.is_identity:
+            # Written as kind "encoded" (canonical: true), not "canonical" + a field: a reader from before
+            # activations existed refuses the unknown kind instead of applying the patch as if φ were
+            # the identity.
+            spec.update(kind="encoded", canonical=True, activation=_activation_spec(p.activation))
+            if p.threshold is not None:
+                spec["tensors"]["threshold"] = put("threshold", p.threshold)
         return spec
     if isinstance(p, Patch):
         raise TypeError(f"{prefix}: cannot save a {type(p).__name__}; patch files hold Steer, Ablate, Clamp, "
-                        "LowRank, LoReFT, Gated and canonical (e.g. composed) patches")
+                        "LowRank, LoReFT, Encoded, Gated and canonical (e.g. composed) patches")
     raise TypeError(f"{prefix}: expected a fastpatch patch, got {type(p).__name__}")
 
 
@@ -335,6 +353,14 @@ class _Reader:
         self.used.add(name)
         return t
 
+    def activation(self, where: str, spec: dict):
+        act = spec.get("activation")
+        if isinstance(act, list) and all(isinstance(a, str) for a in act):
+            return tuple(act)
+        if not isinstance(act, str):
+            self.fail(where, f"'activation' must be a name or a list of names, got {act!r}")
+        return act  # the constructor checks the names (its error then names this entry)
+
     def gate(self, where: str, spec: Any) -> tuple:
         if not isinstance(spec, dict):
             self.fail(where, f"gate must be an object, got {spec!r}")
@@ -373,7 +399,15 @@ class _Reader:
                 r = R.shape[0]
                 return LoReFT(R, self.tensor(where, names.get("W"), (r, R.shape[1])),
                               self.tensor(where, names.get("b"), (r,)))
-            if kind == "canonical":
+            if kind == "encoded" and not spec.get("canonical", False):
+                down = self.tensor(where, names.get("down"), (None, D))
+                r = down.shape[0]
+                opt = {f: self.tensor(where, names[f], shape) for f, shape in
+                       (("bias", (r,)), ("shift", (D,)), ("threshold", (r,))) if f in names}
+                return Encoded(down, opt.get("bias"), self.tensor(where, names.get("up"), (r, D)),
+                               shift=opt.get("shift"), activation=self.activation(where, spec),
+                               threshold=opt.get("threshold"))
+            if kind == "canonical" or kind == "encoded":
                 down = self.tensor(where, names.get("down"), (None, D))
                 r, d = down.shape
                 gate = None
@@ -388,7 +422,11 @@ class _Reader:
                 return CanonicalPatch(down, self.tensor(where, names.get("bias"), (r,)),
                                       self.tensor(where, names.get("up"), (r, d)),
                                       self.tensor(where, names.get("shift"), (d,)),
-                                      gate=gate, kind=ckind, params=dict(params))
+                                      gate=gate, kind=ckind, params=dict(params),
+                                      # files from before activations: no "activation", the identity
+                                      activation=self.activation(where, spec) if kind == "encoded" else "identity",
+                                      threshold=(self.tensor(where, names["threshold"], (r,))
+                                                 if kind == "encoded" and "threshold" in names else None))
         except PatchFileError:
             raise
         except (ValueError, TypeError) as exc:  # a constructor refused the values

@@ -10,10 +10,13 @@ The kernels have no backward. When the stream or a parameter needs a gradient, t
   could flip a row sitting on the threshold).
 - saved for backward: a private copy of h' in x's dtype (N·D; a copy, so that a hook editing the
   returned stream in place, as steering-vectors and pyvene do, cannot invalidate it), z = h·downᵀ + bias
-  [N, R] fp32, the row's patch k and gate mask [N]. Everything else (rstd, mean, the normalised rows, h
+  [N, R] fp32 (after the activation, with its mask [z > t] when the bank has one), the row's patch k
+  and gate mask [N]. Everything else (rstd, mean, the normalised rows, h
   before the patch = h' − m·(z·up + shift)) is recomputed in the backward.
 - backward, in fp32 per row: RMSNorm / LayerNorm with ``weight + weight_offset`` (Gemma's 1 + w), then
-  the patch: dh = dh' + m·(dh'·upᵀ)·down. Gradients go to x, residual, the norm's weight and bias and
+  the patch: dh = dh' + m·((dh'·upᵀ)·φ'(z))·down, where φ'(z) = [z > t] for a component's activation
+  (1 for the identity, the indicator for ReLU / JumpReLU: the jump itself is piecewise constant, so the
+  threshold θ gets no gradient, as with gates). Gradients go to x, residual, the norm's weight and bias and
   the bank's down / bias / up / shift. Gates are piecewise constant: no gradient through g(h) and none to
   the gate's direction or threshold (the float64 reference, differentiated by torch, says the same).
 
@@ -29,13 +32,15 @@ from typing import Optional
 import torch
 
 from ..core.bank import PatchBank
-from ..core.patches import GATE_COSINE_ABOVE, GATE_COSINE_BELOW, GATE_NONE, GATE_PROJECTION_ABOVE, CanonicalPatch
+from ..core.patches import (ACT_JUMPRELU, ACTIVATIONS, GATE_COSINE_ABOVE, GATE_COSINE_BELOW, GATE_NONE,
+                            GATE_PROJECTION_ABOVE, CanonicalPatch)
 from ..core.reference import NORM_KINDS
 from . import backends
 from .checks import check_inputs
 
 _RMS = NORM_KINDS["rms"]
 _TRAINED = ("down", "bias", "up", "shift")
+_ACT_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,8 +74,12 @@ class TrainableBank(PatchBank):
             return self._initial
         f = self.float64()
         # every patch at the bank's full rank: rows that were zero padding may have been trained
+        # activations stay fixed (like gates), per component at the full rank
+        acts = [tuple(_ACT_NAMES[int(a)] for a in row) for row in f["act_mode"]]
         return [CanonicalPatch(f["down"][k].clone(), f["bias"][k].clone(), f["up"][k].clone(), f["shift"][k].clone(),
-                               gate=c.gate, kind="affine") for k, c in enumerate(self._initial)]
+                               gate=c.gate, kind="affine", activation=acts[k] or "identity",
+                               threshold=f["act_jump"][k].clone() if (f["act_mode"][k] == ACT_JUMPRELU).any() else None)
+                for k, c in enumerate(self._initial)]
 
     @canonical_patches.setter
     def canonical_patches(self, value) -> None:
@@ -218,7 +227,7 @@ class _FusedAddPatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, nbias, down, lbias, up, shift,
-                run, eps, norm_kind, offset, gate, index, fire_counts):
+                run, eps, norm_kind, offset, gate, act, index, fire_counts):
         N, D = x.shape
         ctx.cfg = (eps, norm_kind, offset, residual is not None, x.dtype, None if nbias is None else nbias.dtype)
         if shift is None:  # no bank: the kernel does add + norm
@@ -237,6 +246,10 @@ class _FusedAddPatchNorm(torch.autograd.Function):
         if R:
             zf = torch.addmm(lbias.to(acc).reshape(1, P * R), h, down.to(acc).reshape(P * R, D).t())
             z = _unblock(zf, k, P)
+            if act is not None:  # φ(z) = z if z > t else 0 per component (t: PatchBank.act_threshold)
+                level = act.to(acc)[0] if k is None else act.to(acc)[k]
+                amask = z > level
+                z = torch.where(amask, z, torch.zeros_like(z))
             hp = torch.addmm(hp, _block(_masked(z, m), k, P), up.to(acc).reshape(P * R, D))
         h1 = hp.to(x.dtype)
         out, _ = run(h1, None, weight, nbias, eps, norm_kind, offset, None, None, None, None, h1)
@@ -245,7 +258,8 @@ class _FusedAddPatchNorm(torch.autograd.Function):
                 fire_counts.add_(N)
             else:
                 fire_counts.index_add_(0, k, m.to(fire_counts.dtype))
-        ctx.save_for_backward(h1.clone(), weight, z, k, m, down, up, shift)
+        ctx.save_for_backward(h1.clone(), weight, z, k, m, down, up, shift,
+                              amask if (R and act is not None) else None)
         ctx.bank = (P, R)
         return out, h1
 
@@ -286,7 +300,7 @@ class _FusedAddPatchNorm(torch.autograd.Function):
         ddown = dlb = dup = dshift = None
         if ctx.bank is not None:
             P, R = ctx.bank
-            z, k, m, down, up, shift = saved[2:]
+            z, k, m, down, up, shift, amask = saved[2:]
             if need[7]:
                 if k is None:
                     dshift = dh.sum(0, keepdim=True)
@@ -297,6 +311,8 @@ class _FusedAddPatchNorm(torch.autograd.Function):
                 up2 = up.to(acc).reshape(P * R, D)
                 down2 = down.to(acc).reshape(P * R, D)
                 dz = _masked(_unblock(dh @ up2.t(), k, P), m)  # dL/dz per row (its own patch), gated
+                if amask is not None:
+                    dz = dz * amask.to(dz.dtype)  # φ'(z): the indicator [z > t]; θ gets no gradient
                 dzb = _block(dz, k, P)
                 if need[5]:
                     dlb = dzb.sum(0).view(P, R).to(up.dtype)
@@ -310,7 +326,7 @@ class _FusedAddPatchNorm(torch.autograd.Function):
                 dh = torch.addmm(dh, dzb, down2)
         dx = dh.to(xdtype) if (need[0] or need[1]) else None
         return (dx if need[0] else None, dx if (has_res and need[1]) else None, dw, dnb,
-                ddown, dlb, dup, dshift, None, None, None, None, None, None, None)
+                ddown, dlb, dup, dshift, None, None, None, None, None, None, None, None)
 
 
 def run(fast_run, x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
@@ -322,14 +338,15 @@ def run(fast_run, x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, 
         raise ValueError("the differentiable op allocates its outputs: out and residual_out must be None")
     if bank is None:
         tensors = (None, None, None, None)
-        gate = None
+        gate = act = None
     else:
         low_rank = bank.rank > 0
         tensors = (bank.down if low_rank else None, bank.bias if low_rank else None,
                    bank.up if low_rank else None, bank.shift)
         gate = (bank.gate_dir, bank.gate_threshold, bank.gate_mode) if bank.has_gate else None
+        act = bank.act_threshold if (low_rank and bank.has_activation) else None
     return _FusedAddPatchNorm.apply(x2d, residual2d, weight, bias, *tensors, fast_run, float(eps), int(norm_kind),
-                                    float(weight_offset), gate, index, fire_counts)
+                                    float(weight_offset), gate, act, index, fire_counts)
 
 
 def fused_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor], *,

@@ -183,13 +183,13 @@ def _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, b
     plan.bank = _no_bank if bank is None else weakref.ref(bank, forget)
     plan.weight, plan.bias, plan.fire_counts = weight, bias, fire_counts
     if bank is None:
-        bank_args = (None,) * 7
+        bank_args = (None,) * 8
     else:  # the bank's tensors spread as call_flat does (parts no patch uses are None)
         low_rank, gated = bank.rank > 0, bank.has_gate
         bank_args = (bank.down if low_rank else None, bank.bias if low_rank else None,
                      bank.up if low_rank else None, bank.shift if bank.has_shift else None,
                      bank.gate_dir if gated else None, bank.gate_threshold if gated else None,
-                     bank.gate_mode)
+                     bank.gate_mode, bank.act_threshold)
     plan.run = impl.make_plan(weight, bias, float(eps), norm_kind, float(weight_offset), *bank_args, hidden).run
     if len(_plans) >= _MAX_PLANS:
         _plans.clear()

@@ -114,7 +114,7 @@ def _register_fake() -> None:
     # torch.compile trace through the op without running it.
     @torch.library.register_fake("fastpatch_cpp::fused_add_norm")
     def _(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift,
-          gate_dir, gate_threshold, gate_mode, index, fire_counts, out, residual_out):
+          gate_dir, gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out):
         return None
 
 
@@ -144,13 +144,13 @@ def op():
 
 
 def make_plan(weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir, gate_threshold,
-              gate_mode, hidden):
+              gate_mode, act_threshold, hidden):
     """A C++ plan holding a call's checked, unchanging arguments (see fastpatch/kernels/ops.py):
     ``plan.run(x, residual, index, fire_counts, out, residual_out, check_index) -> bool``."""
     if _module is None:
         op()
     return _module.Plan(weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
-                        gate_threshold, gate_mode, hidden)
+                        gate_threshold, gate_mode, act_threshold, hidden)
 
 
 def built_with_openmp() -> bool:

@@ -5,7 +5,7 @@ Why: the CUDA and Triton kernels are checked on CPU (interpreter, AOT compiles) 
 the first one they ever run on, and a C++ build can be miscompiled or stale. So the first time a
 process uses a compiled backend on a device, :func:`check` runs a few tiny calls through the backend's
 ``run`` and compares them with :func:`fastpatch.core.reference.fused_add_norm` — every gate mode, a
-bank with a per-row index (−1 rows included), a one-patch low-rank bank without an index, RMS and
+bank with a per-row index (−1 rows included), a bank mixing identity, ReLU and JumpReLU components, a one-patch low-rank bank without an index, RMS and
 Layer norm, fire counts, and an unpatched call; on CUDA also a 64-row rank-16 call (the Triton tile
 kernel). A mismatch or a crash refuses the backend (``backends.resolve`` then warns and takes the
 next one, or raises for a named backend).
@@ -28,7 +28,7 @@ import torch
 
 from ...core import reference
 from ...core.bank import PatchBank
-from ...core.patches import Ablate, CanonicalPatch, Clamp, Gate, Gated, LowRank, Steer
+from ...core.patches import Ablate, CanonicalPatch, Clamp, Encoded, Gate, Gated, LowRank, Steer
 
 ENV = "FASTPATCH_SELFTEST"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -128,15 +128,38 @@ def _gate_threshold(h: torch.Tensor, condition: torch.Tensor, metric: str) -> fl
 def _as_given(bank: PatchBank) -> PatchBank:
     """The oracle's bank: the same patches with the values the kernel reads (rounded to the bank's
     dtype), so bank rounding is not counted as kernel error."""
-    t = {k: v.detach().to("cpu", torch.float64) for k, v in bank.tensors().items()}
+    t = {k: v.detach().to("cpu", torch.float64) for k, v in bank.tensors().items() if v is not None}
     patches = []
     for k, c in enumerate(bank.canonical_patches):
         gate = None
         if c.gate is not None:
             gate = Gate(t["gate_dir"][k].clone(), float(t["gate_threshold"][k]), c.gate.metric, c.gate.fire)
         patches.append(CanonicalPatch(t["down"][k].clone(), t["bias"][k].clone(), t["up"][k].clone(),
-                                      t["shift"][k].clone(), gate=gate, kind=c.kind))
+                                      t["shift"][k].clone(), gate=gate, kind=c.kind,
+                                      activation=_padded(c.activations, bank.rank),
+                                      threshold=None if c.threshold is None else
+                                      torch.cat([c.threshold, c.threshold.new_zeros(bank.rank - c.rank)])))
     return PatchBank(patches, bank.hidden_size, dtype=torch.float32)
+
+
+def _padded(acts: tuple, rank: int) -> tuple:
+    """Per-component activations padded to the bank's rank (padding components are identity)."""
+    return tuple(acts) + ("identity",) * (rank - len(acts))
+
+
+def _jump_thresholds(h: torch.Tensor, down: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Per component, a JumpReLU θ in the widest gap of z = h·downᵀ + bias over the rows, so that
+    rounding cannot move a row across the jump (and some rows pass it, some do not)."""
+    z = h @ down.T + bias
+    return torch.tensor([_gate_threshold_values(z[:, r]) for r in range(z.shape[1])], dtype=torch.float64)
+
+
+def _gate_threshold_values(vals: torch.Tensor) -> float:
+    v, _ = torch.sort(vals)
+    n = v.numel()
+    lo, hi = max(0, n // 4 - 1), min(n - 1, (3 * n) // 4 + 1)
+    j = int(torch.argmax(v[lo + 1:hi + 1] - v[lo:hi])) + lo
+    return float((v[j] + v[j + 1]) / 2)
 
 
 def _cases(dtype: torch.dtype, device: torch.device, small: bool) -> list[_Case]:
@@ -164,6 +187,18 @@ def _cases(dtype: torch.dtype, device: torch.device, small: bool) -> list[_Case]
     bank = PatchBank([Steer(randn(D))] + gated, D, dtype=dtype)  # patch 0 ungated (GATE_NONE)
     index = torch.arange(N, dtype=torch.int32) % (bank.num_patches + 1) - 1  # -1, 0, 1, ..., 4, -1, ...
     cases.append(_Case("bank", x, res, 1 + 0.3 * randn(D), None, 0, 1e-6, 0.0, bank, index, count_fires=True))
+
+    # 1b. per-component activations: identity, ReLU and JumpReLU patches in one bank (θ placed between
+    #     the rows' z values so a rounding cannot flip a jump), rows of every patch and −1 rows.
+    x, res = randn(N, D), randn(N, D)
+    h = x.to(dtype).double() + res.to(dtype).double()
+    dj, bj = randn(4, D) / D**0.5, randn(4) * 0.5
+    acts = [LowRank(randn(D, 3) / D**0.5, randn(3, D) / 2, bias=randn(3) * 0.3),
+            Encoded(randn(5, D) / D**0.5, randn(5) * 0.5, randn(5, D) / 2, activation="relu"),
+            Encoded(dj, bj, randn(4, D) / 2, activation="jumprelu", threshold=_jump_thresholds(h, dj, bj))]
+    bank = PatchBank(acts, D, dtype=dtype)
+    index = torch.arange(N, dtype=torch.int64) % (bank.num_patches + 1) - 1
+    cases.append(_Case("activation", x, res, 1 + 0.3 * randn(D), None, 0, 1e-6, 0.0, bank, index, count_fires=True))
 
     # 2. LayerNorm with bias, a one-patch low-rank bank (float32) applied to every row (index None),
     #    weight_offset (Gemma-style), no fire counts.

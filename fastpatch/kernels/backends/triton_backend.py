@@ -46,29 +46,30 @@ def fused_add_norm_triton(
     bias: Optional[torch.Tensor], eps: float, norm_kind: int, weight_offset: float,
     down: Optional[torch.Tensor], down_bias: Optional[torch.Tensor], up: Optional[torch.Tensor],
     shift: Optional[torch.Tensor], gate_dir: Optional[torch.Tensor], gate_threshold: Optional[torch.Tensor],
-    gate_mode: Optional[torch.Tensor], index: Optional[torch.Tensor], fire_counts: Optional[torch.Tensor],
+    gate_mode: Optional[torch.Tensor], act_threshold: Optional[torch.Tensor], index: Optional[torch.Tensor],
+    fire_counts: Optional[torch.Tensor],
     out: torch.Tensor, residual_out: torch.Tensor, num_patches: int,
 ) -> None:
     _kernels.launch(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift,
-                    gate_dir, gate_threshold, gate_mode, index, fire_counts, out, residual_out,
+                    gate_dir, gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out,
                     num_patches=num_patches)
 
 
 @fused_add_norm_triton.register_fake
 def _(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
-      gate_threshold, gate_mode, index, fire_counts, out, residual_out, num_patches):
+      gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out, num_patches):
     return None  # writes only into its out-arguments
 
 
 def _bank_args(bank):
     """The bank tensors the kernel needs; unused parts are None so the kernel compiles them out."""
     if bank is None:
-        return (None,) * 7, 1
+        return (None,) * 8, 1
     low_rank = bank.rank > 0
     gated = bank.has_gate
     return ((bank.down if low_rank else None, bank.bias if low_rank else None, bank.up if low_rank else None,
              bank.shift if bank.has_shift else None, bank.gate_dir if gated else None,
-             bank.gate_threshold if gated else None, bank.gate_mode), bank.num_patches)
+             bank.gate_threshold if gated else None, bank.gate_mode, bank.act_threshold), bank.num_patches)
 
 
 def run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,

@@ -1,10 +1,13 @@
 """Fused residual add + activation patch + RMSNorm/LayerNorm in Triton.
 
-Semantics are fastpatch.reference's: h = x + residual (fp32), h' = h + g(h)·((h·downᵀ + bias)·up +
+Semantics are fastpatch.reference's: h = x + residual (fp32), h' = h + g(h)·(φ(h·downᵀ + bias)·up +
 shift) with patch k = index[row] (−1 or out of range: no patch), residual_out = h' rounded to x's
 dtype, out = norm(residual_out)·(weight + weight_offset) (+ bias).
 
-Every optional part is a constexpr flag, so an unpatched call compiles to a plain fused add + norm.
+Every optional part is a constexpr flag, so an unpatched call compiles to a plain fused add + norm and
+an all-identity bank (HAS_ACT off) to the code it had before activations existed. With HAS_ACT, φ is
+one compare + select per component against the bank's level t (PatchBank.act_threshold):
+φ(z) = z if z > t else 0 (t = -inf identity, 0 ReLU, max(θ, 0) JumpReLU), applied to z in fp32.
 Launch configs come from :mod:`fastpatch.kernels.triton_ops.dispatch`. Outputs may alias x or residual:
 each program reads a row (or chunk) in full before it writes that row (or chunk) back, and the
 multi-pass variants only re-read what they wrote themselves (residual_out), after a barrier.
@@ -57,12 +60,12 @@ def _norm_scale(w_ptr, cols, mask, weight_offset, HAS_WEIGHT: tl.constexpr):
 @triton.jit
 def fused_add_norm_row_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
-    down_ptr, down_bias_ptr, up_ptr, shift_ptr, gate_dir_ptr, gate_thr_ptr, gate_mode_ptr,
+    down_ptr, down_bias_ptr, up_ptr, shift_ptr, gate_dir_ptr, gate_thr_ptr, gate_mode_ptr, act_thr_ptr,
     index_ptr, fire_ptr,
     D, rank, num_patches, eps, weight_offset,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_LAYER: tl.constexpr,
     HAS_PATCH: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_GATE: tl.constexpr, COUNT_FIRES: tl.constexpr,
+    HAS_GATE: tl.constexpr, COUNT_FIRES: tl.constexpr, HAS_ACT: tl.constexpr,
     SINGLE_PASS: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -103,6 +106,8 @@ def fused_add_norm_row_kernel(
                     base = (k * rank + r) * D
                     d_r = tl.load(down_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
                     z_r = tl.sum(h * d_r, 0) + tl.load(down_bias_ptr + k * rank + r).to(tl.float32)
+                    if HAS_ACT:
+                        z_r = tl.where(z_r > tl.load(act_thr_ptr + k * rank + r), z_r, 0.0)
                     u_r = tl.load(up_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
                     delta += z_r * u_r
             if HAS_SHIFT:
@@ -145,6 +150,9 @@ def fused_add_norm_row_kernel(
                     fires = fires & _gate_fires(proj, sumsq, mode, threshold)
                 if HAS_LOWRANK:
                     z += tl.load(down_bias_ptr + k * rank + offs_r, mask=offs_r < rank, other=0.0).to(tl.float32)
+                    if HAS_ACT:
+                        t = tl.load(act_thr_ptr + k * rank + offs_r, mask=offs_r < rank, other=0.0)
+                        z = tl.where(z > t, z, 0.0)
             if COUNT_FIRES:
                 tl.atomic_add(fire_ptr + k, 1, mask=fires)
         # Pass 2: apply the patch, store residual_out, accumulate the norm's sums.
@@ -261,12 +269,12 @@ def _tile_delta(z, cols, col_mask, mask, k, valid, kD, k_lo, k_hi, up_ptr, shift
 @triton.jit
 def fused_add_norm_tile_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr,
-    down_ptr, down_bias_ptr, up_ptr, shift_ptr, gate_dir_ptr, gate_thr_ptr, gate_mode_ptr,
+    down_ptr, down_bias_ptr, up_ptr, shift_ptr, gate_dir_ptr, gate_thr_ptr, gate_mode_ptr, act_thr_ptr,
     index_ptr, fire_ptr,
     N, D, rank, num_patches, eps, weight_offset,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_LAYER: tl.constexpr,
     HAS_INDEX: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_GATE: tl.constexpr, COUNT_FIRES: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_ACT: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
     GROUPED: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
     """BLOCK_M rows, low-rank part by tl.dot (rank padded to R_PAD by masking).
@@ -314,6 +322,12 @@ def fused_add_norm_tile_kernel(
                          mask=valid[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
     else:
         z_bias = tl.load(down_bias_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_ACT:  # per-component levels t of φ(z) = z if z > t else 0 (padding columns: z = 0 anyway)
+        if GROUPED:
+            z_level = tl.load(act_thr_ptr + k[:, None] * rank + offs_r[None, :],
+                              mask=valid[:, None] & r_mask[None, :], other=0.0)
+        else:
+            z_level = tl.load(act_thr_ptr + offs_r, mask=r_mask, other=0.0)[None, :]
     if HAS_GATE:
         if GROUPED:
             mode = tl.load(gate_mode_ptr + k, mask=valid, other=0)
@@ -333,6 +347,8 @@ def fused_add_norm_tile_kernel(
             fires = fires & _gate_fires(proj, sumsq, mode, threshold)
         z = _tile_z(h, tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32), cols, col_mask, k, valid, k_lo, k_hi,
                     down_ptr, D, rank, offs_r, r_mask, GROUPED, DOT_FP32) + z_bias
+        if HAS_ACT:
+            z = tl.where(z > z_level, z, 0.0)  # in fp32, before the 16-bit cast for the second dot
         if not DOT_FP32:
             z = z.to(down_ptr.dtype.element_ty)
         delta = _tile_delta(z, cols, col_mask, mask, k, valid, kD, k_lo, k_hi, up_ptr, shift_ptr, D, rank, offs_r,
@@ -366,6 +382,8 @@ def fused_add_norm_tile_kernel(
             z = _tile_z(h, z, cols, col_mask, k, valid, k_lo, k_hi, down_ptr, D, rank, offs_r, r_mask, GROUPED,
                         DOT_FP32)
         z += z_bias
+        if HAS_ACT:
+            z = tl.where(z > z_level, z, 0.0)
         if HAS_GATE:
             fires = fires & _gate_fires(proj, sumsq, mode, threshold)
         if not DOT_FP32:
@@ -425,12 +443,12 @@ KERNELS = {"row": fused_add_norm_row_kernel, "tile": fused_add_norm_tile_kernel}
 
 
 def launch(x, residual, weight, bias, eps, norm_kind, weight_offset,
-           down, down_bias, up, shift, gate_dir, gate_threshold, gate_mode, index, fire_counts,
+           down, down_bias, up, shift, gate_dir, gate_threshold, gate_mode, act_threshold, index, fire_counts,
            out, residual_out, num_patches: int = 1, config: dispatch.LaunchConfig | None = None) -> None:
     """Launch into preallocated ``out`` / ``residual_out`` ([N, D], x's dtype).
 
     Bank parts that no patch uses are passed as None and compiled out (down/bias/up together,
-    shift, gate_dir/threshold/mode together). No host sync, no allocation.
+    shift, gate_dir/threshold/mode together, act_threshold when every component is the identity). No host sync, no allocation.
     """
     N, D = x.shape
     if N == 0:
@@ -448,11 +466,13 @@ def launch(x, residual, weight, bias, eps, norm_kind, weight_offset,
             down if rank else dummy, down_bias if rank else dummy, up if rank else dummy,
             shift if shift is not None else dummy, gate_dir if gate_dir is not None else dummy,
             gate_threshold if gate_threshold is not None else dummy,
-            gate_mode if gate_mode is not None else dummy, index if index is not None else dummy,
+            gate_mode if gate_mode is not None else dummy,
+            act_threshold if (rank and act_threshold is not None) else dummy, index if index is not None else dummy,
             fire_counts if fire_counts is not None else dummy]
     common = dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                   IS_LAYER=norm_kind == 1, HAS_INDEX=index is not None, HAS_SHIFT=shift is not None,
                   HAS_GATE=gate_dir is not None, COUNT_FIRES=fire_counts is not None and has_patch,
+                  HAS_ACT=bool(rank) and act_threshold is not None,
                   num_warps=config.num_warps)
     if config.kernel == "tile":
         if not rank:
