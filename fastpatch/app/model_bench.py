@@ -85,6 +85,10 @@ ARCH_CONFIGS: dict = {
     "stablelm": ("StableLmConfig", {"use_parallel_residual": False}),
     "starcoder2": ("Starcoder2Config", {"sliding_window": None, "bos_token_id": 1, "eos_token_id": 2}),
     "olmo": ("OlmoConfig", _IDS),
+    # new block styles (#18): norms after each branch; parallel attention + MLP blocks
+    "olmo2": ("Olmo2Config", _IDS),
+    "gpt_neox": ("GPTNeoXConfig", {"use_parallel_residual": True, "bos_token_id": 1, "eos_token_id": 2}),
+    "cohere": ("CohereConfig", _IDS),
 }
 
 
