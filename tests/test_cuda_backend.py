@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
 
 ROWS = (1, 3, 64, 257)
 HIDDEN = (1, 64, 768, 4097)
-KINDS = ("steer", "ablate", "clamp", "lowrank", "loreft", "mix")
+KINDS = ("steer", "ablate", "clamp", "lowrank", "loreft", "mix", "relu", "jumprelu", "actmix")
 GATED = (False, True)
 INDEX_MODES = ("none", "all_off", "mixed")
 NORMS = ("rms", "layer")
@@ -256,7 +256,7 @@ def test_opcheck_and_torch_compile():
     case = _case(16, 256, torch.float32, "loreft", True, "mixed", "layer")
     b = case.bank
     args = (case.x, case.residual, case.weight, case.bias, 1e-6, 1, 0.0, b.down, b.bias, b.up, b.shift,
-            b.gate_dir, b.gate_threshold, b.gate_mode, case.index, torch.zeros(3, dtype=torch.int32, device="cuda"),
+            b.gate_dir, b.gate_threshold, b.gate_mode, b.act_threshold, case.index, torch.zeros(3, dtype=torch.int32, device="cuda"),
             torch.empty_like(case.x), torch.empty_like(case.x))
     torch.library.opcheck(cuda.op(), args)
 

@@ -93,7 +93,7 @@ class Params(ctypes.Structure):
                 ("num_patches", ctypes.c_int), ("rank", ctypes.c_int), ("bank_dtype", ctypes.c_int),
                 ("down", ctypes.c_void_p), ("down_bias", ctypes.c_void_p), ("up", ctypes.c_void_p),
                 ("shift", ctypes.c_void_p), ("gate_dir", ctypes.c_void_p), ("gate_threshold", ctypes.c_void_p),
-                ("gate_mode", ctypes.c_void_p), ("index", ctypes.c_void_p), ("index_is_64", ctypes.c_bool),
+                ("gate_mode", ctypes.c_void_p), ("act_threshold", ctypes.c_void_p), ("index", ctypes.c_void_p), ("index_is_64", ctypes.c_bool),
                 ("fire_counts", ctypes.c_void_p)]
 
 
@@ -154,6 +154,7 @@ def emulate(lib, x, residual, weight, *, bias=None, eps=1e-6, norm="rms", bank=N
         p.gate_dir = _ptr(gdir) if bank.has_gate else None
         p.gate_threshold = _ptr(bank.gate_threshold) if bank.has_gate else None
         p.gate_mode = _ptr(bank.gate_mode)
+        p.act_threshold = _ptr(bank.act_threshold) if (low and bank.has_activation) else None
         p.index, p.index_is_64 = _ptr(idx), idx is not None and idx.dtype == torch.int64
         p.fire_counts = _ptr(fire_counts)
     plan = (ctypes.c_int * 5)()
@@ -171,10 +172,10 @@ def _case(N, D, dtype, kind, gated, index_mode, norm="rms", residual=True, **kw)
     if gated and D == 1:
         kw.setdefault("metric", "projection")  # at D = 1 every cosine is ±1 (see test_cpp_backend)
     return make_case(N, D, dtype, kind=kind, gated=gated, index_mode=index_mode, norm=norm, residual=residual,
-                     num_patches=6 if kind == "mix" else 3, seed=N * 131 + D, **kw)
+                     num_patches=6 if kind == "mix" else 4 if kind == "actmix" else 3, seed=N * 131 + D, **kw)
 
 
-EMU_KINDS = ("steer", "ablate", "clamp", "lowrank", "loreft", "mix")
+EMU_KINDS = ("steer", "ablate", "clamp", "lowrank", "loreft", "mix", "relu", "jumprelu", "actmix")
 
 
 def _grid(reduced: bool):

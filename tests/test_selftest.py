@@ -178,7 +178,7 @@ def test_self_test_passes_on_every_backend_here():
     for name in names:
         result = selftest.run(name, backends.load(name), CPU)
         assert result.ok and result.ratio < 1, (name, result.describe())
-        assert result.cases == 3 * len(selftest.DTYPES)
+        assert result.cases == 4 * len(selftest.DTYPES)  # bank, activation, layer, plain
 
 
 def test_self_test_cases_cover_every_gate_mode_index_and_norm():

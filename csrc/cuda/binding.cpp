@@ -49,8 +49,8 @@ void fused_add_norm_cuda(const at::Tensor& x, const OptTensor& residual, const O
                          const OptTensor& norm_bias_in, double eps, int64_t norm_kind, double weight_offset,
                          const OptTensor& down_in, const OptTensor& down_bias_in, const OptTensor& up_in,
                          const OptTensor& shift_in, const OptTensor& gate_dir_in,
-                         const OptTensor& gate_threshold, const OptTensor& gate_mode, const OptTensor& index,
-                         const OptTensor& fire_counts, const at::Tensor& out, const at::Tensor& residual_out) {
+                         const OptTensor& gate_threshold, const OptTensor& gate_mode,
+                         const OptTensor& act_threshold, const OptTensor& index, const OptTensor& fire_counts, const at::Tensor& out, const at::Tensor& residual_out) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   const at::ScalarType dt = x.scalar_type();
   const at::Device dev = x.device();
@@ -126,6 +126,10 @@ void fused_add_norm_cuda(const at::Tensor& x, const OptTensor& residual, const O
                   "a gated bank needs float32 gate_threshold");
       check_on(gate_threshold, "gate_threshold", dev, P);
     }
+    if (act_threshold.has_value()) {
+      TORCH_CHECK(act_threshold->scalar_type() == at::kFloat, "act_threshold must be float32 [P, R]");
+      check_on(act_threshold, "act_threshold", dev, P * R);
+    }
     if (index.has_value()) {
       TORCH_CHECK(index->scalar_type() == at::kInt || index->scalar_type() == at::kLong,
                   "index must be int32 or int64");
@@ -145,12 +149,13 @@ void fused_add_norm_cuda(const at::Tensor& x, const OptTensor& residual, const O
     p.gate_dir = ptr_or_null(gate_dir);
     p.gate_threshold = gate_dir.has_value() ? gate_threshold->data_ptr<float>() : nullptr;
     p.gate_mode = gate_mode->data_ptr<int32_t>();
+    p.act_threshold = (R > 0 && act_threshold.has_value()) ? act_threshold->data_ptr<float>() : nullptr;
     p.index = ptr_or_null(index);
     p.index_is_64 = index.has_value() && index->scalar_type() == at::kLong;
     p.fire_counts = fire_counts.has_value() ? fire_counts->data_ptr<int32_t>() : nullptr;
   } else {
     TORCH_CHECK(!down_in.has_value() && !up_in.has_value() && !shift_in.has_value() && !gate_dir_in.has_value() &&
-                    !index.has_value() && !fire_counts.has_value(),
+                    !act_threshold.has_value() && !index.has_value() && !fire_counts.has_value(),
                 "bank tensors, index and fire_counts need gate_mode (it marks a bank)");
   }
   if (N == 0) return;
@@ -172,8 +177,8 @@ TORCH_LIBRARY_FRAGMENT(fastpatch, m) {
   m.def(
       "fused_add_norm_cuda(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
       "int norm_kind, float weight_offset, Tensor? down, Tensor? down_bias, Tensor? up, "
-      "Tensor? shift, Tensor? gate_dir, Tensor? gate_threshold, Tensor? gate_mode, Tensor? index, "
-      "Tensor(a!)? fire_counts, Tensor(b!) out, Tensor(c!) residual_out) -> ()");
+      "Tensor? shift, Tensor? gate_dir, Tensor? gate_threshold, Tensor? gate_mode, Tensor? act_threshold, "
+      "Tensor? index, Tensor(a!)? fire_counts, Tensor(b!) out, Tensor(c!) residual_out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastpatch, CUDA, m) { m.impl("fused_add_norm_cuda", &fastpatch::cuda::fused_add_norm_cuda); }

@@ -268,7 +268,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1)
             const int r = item - n_gate;
             float b[1];
             load_param<T, 1>(p.down_bias, bank_f32, static_cast<int64_t>(k) * rank + r, b);
-            z_smem[group * rank + r] = acc[s] + b[0];
+            float z = acc[s] + b[0];
+            // Per-component activation: one compare + select against the level t (-inf identity,
+            // 0 ReLU, max(θ, 0) JumpReLU); identity banks pass null and skip it (a uniform branch).
+            if (p.act_threshold != nullptr) {
+              z = z > p.act_threshold[static_cast<int64_t>(k) * rank + r] ? z : 0.f;
+            }
+            z_smem[group * rank + r] = z;
           }
         }
       }

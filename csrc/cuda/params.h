@@ -47,6 +47,9 @@ struct FusedAddNormParams {
   const void* gate_dir = nullptr;   // [P, D]
   const float* gate_threshold = nullptr;  // [P]
   const int32_t* gate_mode = nullptr;     // [P]
+  // [P, R] fp32 activation levels t (fastpatch.core.bank.PatchBank.act_threshold): φ(z) = z if z > t
+  // else 0. Null when every component is the identity (and when rank == 0).
+  const float* act_threshold = nullptr;
   const void* index = nullptr;  // [rows] int32/int64, -1 = none; null with a bank = patch 0
   bool index_is_64 = false;
   int32_t* fire_counts = nullptr;  // [P] or null

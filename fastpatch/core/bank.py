@@ -130,9 +130,11 @@ class PatchBank:
 
     def tensors(self) -> dict:
         """The bank's device tensors by name, as the kernels take them."""
-        return dict(down=self.down, bias=self.bias, up=self.up, shift=self.shift,
-                    gate_dir=self.gate_dir, gate_threshold=self.gate_threshold, gate_mode=self.gate_mode,
-                    act_threshold=self.act_threshold)
+        t = dict(down=self.down, bias=self.bias, up=self.up, shift=self.shift,
+                 gate_dir=self.gate_dir, gate_threshold=self.gate_threshold, gate_mode=self.gate_mode)
+        if self.act_threshold is not None:  # only with an activation: identity banks list what they always did
+            t["act_threshold"] = self.act_threshold
+        return t
 
     def float64(self) -> dict:
         """The exact float64 CPU parameters (what the reference computes with)."""

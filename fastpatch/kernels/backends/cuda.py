@@ -144,7 +144,7 @@ def _register_fake() -> None:
     # torch.compile trace through the op without running it.
     @torch.library.register_fake("fastpatch::fused_add_norm_cuda")
     def _(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift,
-          gate_dir, gate_threshold, gate_mode, index, fire_counts, out, residual_out):
+          gate_dir, gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out):
         return None
 
 
