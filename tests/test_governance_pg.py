@@ -10,7 +10,7 @@ import torch
 from fastpatch.app.cli import main as cli
 from fastpatch.lifecycle.governance import Governance
 from fastpatch.lifecycle.serving import Serving
-from fastpatch.lifecycle.store import open_store
+from fastpatch.lifecycle.stores import open_store
 
 from models import tiny_model
 from test_governance import _logits, _oracle, _patches

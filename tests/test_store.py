@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from fastpatch.lifecycle.store import Conflict, StoreError, StoreNotFound, open_store
+from fastpatch.lifecycle.store import Conflict, StoreError, StoreNotFound
+from fastpatch.lifecycle.stores import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,8 @@ import json, os, random, sys, types
 for pkg in ("fastpatch", "fastpatch.lifecycle"):  # the packages without their __init__ (no torch import)
     mod = types.ModuleType(pkg); mod.__path__ = [os.path.join(sys.argv[1], *pkg.split("."))]; sys.modules[pkg] = mod
 from fastpatch.lifecycle import store as store_mod
-st = store_mod.open_store(sys.argv[2])
+from fastpatch.lifecycle.stores import open_store
+st = open_store(sys.argv[2])
 set_name, seed = sys.argv[3], int(sys.argv[4])
 rng = random.Random(seed)
 try:

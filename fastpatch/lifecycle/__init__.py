@@ -8,7 +8,8 @@ from .policy import PolicyViolation
 from .registry import Registry
 from .serving import Served, Serving
 from .pg_store import PostgresStore
-from .store import SQLiteStore, Store, StoreError, open_store
+from .store import SQLiteStore, Store, StoreError
+from .stores import open_store
 
 __all__ = ["collect", "evaluate", "fit", "Registry", "Choice", "Governance", "PolicyViolation", "Served",
            "Serving", "SQLiteStore", "PostgresStore", "Store", "StoreError", "open_store"]

@@ -136,25 +136,6 @@ class Store(abc.ABC):
         pass
 
 
-_URL_SCHEMES = ("postgresql://", "postgres://")
-
-
-def open_store(target, *, create: bool = True) -> Store:
-    """The store a ``--store`` value names: ``postgresql://user:pw@host:port/db`` (or ``postgres://``) opens a
-    :class:`~.pg_store.PostgresStore`; anything else is a directory for a :class:`SQLiteStore`.
-    ``create=False`` opens an existing store only (:class:`StoreNotFound` otherwise, nothing created)."""
-    text = str(target)
-    if text.startswith(_URL_SCHEMES):
-        from .pg_store import PostgresStore
-
-        return PostgresStore(text, create=create)
-    scheme = text.split("://", 1)[0] if "://" in text else None
-    if scheme is not None and "/" not in scheme:
-        raise StoreError(f"unknown store URL scheme {scheme!r} in {text!r}: give a directory (SQLite store) or a "
-                         "postgresql://user@host:port/dbname URL")
-    return SQLiteStore(text, create=create)
-
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sets (

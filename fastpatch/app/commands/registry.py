@@ -101,7 +101,8 @@ def run(args) -> int:
     import sqlite3
 
     from ...lifecycle.governance import Governance
-    from ...lifecycle.store import StoreError, open_store
+    from ...lifecycle.store import StoreError
+    from ...lifecycle.stores import open_store
     from .common import user_error
 
     if not args.store:
