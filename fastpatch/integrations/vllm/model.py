@@ -241,7 +241,7 @@ def _patch_norm(norm, key, bank, index, impl, mode, weight_offset, *, write_back
     norm._fastpatch_site = key
 
 
-def patch_in_place(x: torch.Tensor, bank, index, impl, ones: torch.Tensor, scratch=None) -> None:
+def patch_in_place(x: torch.Tensor, bank, index, impl, ones: torch.Tensor) -> None:
     """x (the residual stream, [..., d]) += each token's patch, in place. The backends have one entry
     point, the fused add + norm; its norm output (RMS over unit weights) goes to a scratch tensor and is
     dropped. A row with index -1 is written back unchanged."""
