@@ -81,9 +81,15 @@ def test_fused_equals_forward_hooks(arch):
             got = model(ids).logits
             got_tokens = model.generate(ids, **gen)
             stats = handle.fusion_stats()
+        with fp.hooks.patched(model, _patches(vs, L, mid)):  # fastpatch's own hooks path, same oracle
+            hooked = model(ids).logits
+            hooked_tokens = model.generate(ids, **gen)
         after = model(ids).logits
     rel = float((got - ref).abs().max() / ref.abs().max())
     assert rel <= 1e-5, f"{arch}: fused vs forward hooks, max rel {rel:.3g}"
+    rel = float((hooked - ref).abs().max() / ref.abs().max())
+    assert rel <= 1e-5, f"{arch}: fastpatch.hooks vs forward hooks, max rel {rel:.3g}"
+    assert torch.equal(hooked_tokens, ref_tokens), f"{arch}: fastpatch.hooks greedy tokens differ"
     assert torch.equal(got_tokens, ref_tokens), f"{arch}: greedy tokens differ"
     assert torch.equal(after, plain), "remove() must restore the model bit for bit"
     if arch != "olmo2":  # every layer took its normed input from the previous fused add (OLMo 2 has none)
