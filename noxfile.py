@@ -41,7 +41,9 @@ def _fresh_caches(scratch: pathlib.Path) -> dict:
     # No SmolLM2 conversion or C++ build from an earlier run or from development may be reused.
     return {"FASTPATCH_CACHE": str(scratch / "fastpatch-cache"),
             "TORCH_EXTENSIONS_DIR": str(scratch / "torch_extensions"),
-            "PYTHONNOUSERSITE": "1"}
+            "PYTHONNOUSERSITE": "1",
+            # install.sh / .ci/run install PostgreSQL: its tests must run here, not skip.
+            "FASTPATCH_REQUIRE_PG": "1"}
 
 
 def _report(session: nox.Session, env: dict) -> None:

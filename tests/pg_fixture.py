@@ -68,27 +68,35 @@ class PgServer:
         return f"postgresql://postgres@/{dbname}?host={self.sock}"
 
 
+def _unavailable(reason: str):
+    """Skip, or fail where the environment promises PostgreSQL (CI sets FASTPATCH_REQUIRE_PG=1, so a
+    missing install step fails loudly instead of turning these tests into skips)."""
+    if os.environ.get("FASTPATCH_REQUIRE_PG") == "1":
+        pytest.fail(f"FASTPATCH_REQUIRE_PG=1 but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def pg_server():
     """The session's PostgreSQL server (skips with the reason when the binaries or psycopg are missing)."""
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip('PostgreSQL store tests need psycopg 3: pip install "psycopg[binary]"')
+        _unavailable('PostgreSQL store tests need psycopg 3: pip install "psycopg[binary]"')
     bin_dir = _bin_dir()
     if bin_dir is None:
-        pytest.skip("PostgreSQL store tests need the server binaries (initdb, pg_ctl): apt-get install -y "
+        _unavailable("PostgreSQL store tests need the server binaries (initdb, pg_ctl): apt-get install -y "
                     "postgresql (Debian: /usr/lib/postgresql/*/bin), or set FASTPATCH_PG_BIN to their folder "
                     f"(now {os.environ.get('FASTPATCH_PG_BIN')!r})")
     as_user = None
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         if shutil.which("runuser") is None:
-            pytest.skip("running as root: PostgreSQL must run as another user, and runuser is missing")
+            _unavailable("running as root: PostgreSQL must run as another user, and runuser is missing")
         try:
             import pwd
             pw = pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root and there is no 'postgres' system user to run the server as "
+            _unavailable("running as root and there is no 'postgres' system user to run the server as "
                         "(apt-get install -y postgresql creates it)")
         as_user = "postgres"
     base = Path(tempfile.mkdtemp(prefix="fp-pg-"))  # short: a unix socket path is at most 107 bytes
