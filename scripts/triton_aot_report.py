@@ -81,7 +81,8 @@ def selects(config, mix: str, variant: str) -> bool:
 def _signature(kernel: str, dtype: str, bank: str) -> dict:
     """Argument types: activations and weight in ``dtype``, bank in ``bank``, int32 index."""
     pointer_types = {p: f"*{bank if p in BANK_POINTERS else dtype}" for p in POINTERS}
-    pointer_types.update(gate_thr_ptr="*fp32", gate_mode_ptr="*i32", act_thr_ptr="*fp32", index_ptr="*i32", fire_ptr="*i32")
+    pointer_types.update(gate_thr_ptr="*fp32", gate_mode_ptr="*i32", act_thr_ptr="*fp32", index_ptr="*i32",
+                         fire_ptr="*i32")
     if kernel == "row":
         scalars = {"D": "i32", "rank": "i32", "num_patches": "i32", "eps": "fp32", "weight_offset": "fp32"}
     else:

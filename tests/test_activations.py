@@ -123,6 +123,16 @@ def test_public_op_odd_sizes(backend, dtype):
         assert_matches_reference(case, out, res)
 
 
+def test_cpp_fast_path_plan_reads_the_activation():
+    """Repeated calls with the same bank take the C++ plan (fastpatch/kernels/ops.py), which must hold
+    act_threshold too: each call is compared with the reference, and the values change between calls."""
+    case = make_case(9, 40, torch.float32, kind="actmix", index_mode="mixed", num_patches=4, seed=8)
+    for _ in range(3):
+        out, res = fp.fused_add_norm(case.x, case.residual, case.weight, backend="cpp", **case.kwargs())
+        assert_matches_reference(case, out, res)
+        case.x = case.x + 0.01  # new values, same objects for the plan
+
+
 def test_casegen_thresholds_split_rows():
     h = _rand(64, D, seed=21)
     down, bias = _rand(4, D, seed=22) / D**0.5, _rand(4, seed=23) * 0.5

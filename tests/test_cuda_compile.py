@@ -93,7 +93,8 @@ class Params(ctypes.Structure):
                 ("num_patches", ctypes.c_int), ("rank", ctypes.c_int), ("bank_dtype", ctypes.c_int),
                 ("down", ctypes.c_void_p), ("down_bias", ctypes.c_void_p), ("up", ctypes.c_void_p),
                 ("shift", ctypes.c_void_p), ("gate_dir", ctypes.c_void_p), ("gate_threshold", ctypes.c_void_p),
-                ("gate_mode", ctypes.c_void_p), ("act_threshold", ctypes.c_void_p), ("index", ctypes.c_void_p), ("index_is_64", ctypes.c_bool),
+                ("gate_mode", ctypes.c_void_p), ("act_threshold", ctypes.c_void_p), ("index", ctypes.c_void_p),
+                ("index_is_64", ctypes.c_bool),
                 ("fire_counts", ctypes.c_void_p)]
 
 

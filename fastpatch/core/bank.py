@@ -141,8 +141,9 @@ class PatchBank:
         return dict(self._f64, gate_mode=self.gate_mode.cpu(), act_mode=self.act_mode, act_jump=self.act_jump)
 
     def __repr__(self) -> str:
-        kinds = ",".join(c.kind + ("+gate" if c.gate is not None else "")
-                         + ("" if c.is_identity else f"+{c.activation if isinstance(c.activation, str) else 'mixed'}") for c in self.canonical_patches[:8])
+        def act(c):
+            return "" if c.is_identity else "+" + (c.activation if isinstance(c.activation, str) else "mixed")
+        kinds = ",".join(c.kind + ("+gate" if c.gate is not None else "") + act(c) for c in self.canonical_patches[:8])
         more = "" if self.num_patches <= 8 else f",…(+{self.num_patches - 8})"
         return (f"PatchBank(P={self.num_patches}, hidden_size={self.hidden_size}, rank={self.rank}, "
                 f"dtype={self.dtype}, device={self.device}, kinds=[{kinds}{more}])")

@@ -9,7 +9,8 @@ def call_flat(call, x2d, residual2d, weight, bias, eps, norm_kind, weight_offset
     """Allocate missing outputs and call ``call`` (a bound op) with the bank's tensors spread out.
 
     Parts no patch uses are passed as None so the kernel skips them: rank 0 -> no dots, no shift
-    -> no shift load, no gate -> no gate statistics, all-identity activations -> no act_threshold. Hot path: no dicts, no host syncs.
+    -> no shift load, no gate -> no gate statistics, all-identity activations -> no act_threshold.
+    Hot path: no dicts, no host syncs.
     """
     if out is None:
         out = torch.empty_like(x2d)

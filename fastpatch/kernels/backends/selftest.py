@@ -5,7 +5,8 @@ Why: the CUDA and Triton kernels are checked on CPU (interpreter, AOT compiles) 
 the first one they ever run on, and a C++ build can be miscompiled or stale. So the first time a
 process uses a compiled backend on a device, :func:`check` runs a few tiny calls through the backend's
 ``run`` and compares them with :func:`fastpatch.core.reference.fused_add_norm` — every gate mode, a
-bank with a per-row index (−1 rows included), a bank mixing identity, ReLU and JumpReLU components, a one-patch low-rank bank without an index, RMS and
+bank with a per-row index (−1 rows included), a bank mixing identity, ReLU and JumpReLU components,
+a one-patch low-rank bank without an index, RMS and
 Layer norm, fire counts, and an unpatched call; on CUDA also a 64-row rank-16 call (the Triton tile
 kernel). A mismatch or a crash refuses the backend (``backends.resolve`` then warns and takes the
 next one, or raises for a named backend).

@@ -448,7 +448,8 @@ def launch(x, residual, weight, bias, eps, norm_kind, weight_offset,
     """Launch into preallocated ``out`` / ``residual_out`` ([N, D], x's dtype).
 
     Bank parts that no patch uses are passed as None and compiled out (down/bias/up together,
-    shift, gate_dir/threshold/mode together, act_threshold when every component is the identity). No host sync, no allocation.
+    shift, gate_dir/threshold/mode together, act_threshold when every component is the identity).
+    No host sync, no allocation.
     """
     N, D = x.shape
     if N == 0:
