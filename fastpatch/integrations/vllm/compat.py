@@ -50,9 +50,12 @@ def _release(version: str) -> tuple:
     return nums, pre
 
 
-def in_range(version: str, spec: str = TESTED_RANGE) -> bool:
+def in_range(version: Optional[str], spec: str = TESTED_RANGE) -> bool:
     """Whether ``version`` satisfies ``spec`` (``packaging``'s rules when installed, else a small
-    parser for the ``>=``, ``>``, ``<=``, ``<``, ``==``, ``!=`` clauses the range uses)."""
+    parser for the ``>=``, ``>``, ``<=``, ``<``, ``==``, ``!=`` clauses the range uses); None (no
+    vLLM installed) is not in range."""
+    if version is None:
+        return False
     try:
         from packaging.specifiers import SpecifierSet
         from packaging.version import InvalidVersion, Version
