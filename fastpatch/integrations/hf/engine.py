@@ -50,7 +50,11 @@ class Entry:
             for c in self.bank.canonical_patches:
                 gate = None if c.gate is None else Gate(cv(c.gate.condition), c.gate.threshold, c.gate.metric,
                                                         c.gate.fire)
-                cps.append(CanonicalPatch(cv(c.down), cv(c.bias), cv(c.up), cv(c.shift), gate=gate, kind=c.kind))
+                # Every field of the canonical form travels (the activation too: a patch applied
+                # without it would be a different edit).
+                cps.append(CanonicalPatch(cv(c.down), cv(c.bias), cv(c.up), cv(c.shift), gate=gate, kind=c.kind,
+                                          activation=c.activation,
+                                          threshold=None if c.threshold is None else cv(c.threshold)))
             self._canon[key] = cps
         return cps
 

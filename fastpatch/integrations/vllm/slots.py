@@ -68,7 +68,14 @@ def read_patches(path, fingerprint: Optional[dict], num_layers: int, force: bool
             raise PatchSlotError(f"{path}: {exc}") from None
         if key in out:
             raise PatchSlotError(f"{path}: site {site!r} names the same point of the stream as another site in the file")
-        out[key] = to_canonical(value)
+        canon = to_canonical(value)
+        if not canon.is_identity:
+            # The slot tables hold no per-component activation yet: serving such a patch as if φ were the
+            # identity would be a different edit, so it is refused until the slots carry it.
+            raise PatchSlotError(f"{path}: site {site!r} holds a patch with an activation ({canon.activation!r}, e.g. "
+                                 "an SAE feature clamp); the vLLM plugin does not serve activated patches yet — "
+                                 "apply it in Hugging Face (fastpatch.apply) instead")
+        out[key] = canon
     if not out:
         raise PatchSlotError(f"{path}: the file holds no patch")
     return out
