@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fastpatch as fp
+from fastpatch.integrations.hf.model_sites import model_info
 from models import ARCHS, FAST_ARCHS, tiny_model
 from surgery_util import assert_close
 
@@ -166,15 +167,18 @@ def test_hooks_on_norm_modules_still_run(arch):
     D = model.config.hidden_size if arch != "gpt2" else model.config.n_embd
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(2))
     v = torch.randn(D, generator=torch.Generator().manual_seed(5))
-    ln1 = "ln_1" if arch == "gpt2" else "input_layernorm"
-    ln2 = "ln_2" if arch == "gpt2" else ("pre_feedforward_layernorm" if arch in ("gemma2", "gemma3")
-                                         else "post_attention_layernorm")
+    # every norm of the block the fused forward runs itself, as the family's spec names them (Llama's
+    # input_layernorm / post_attention_layernorm, GPT-2's ln_1 / ln_2, OLMo 2's post-branch norms, a
+    # parallel block's one or two input norms, ...)
+    spec = model_info(model).spec
+    names = [n for n in (spec.ln1, spec.post_attn_norm, spec.ln2, spec.post_mlp_norm) if n is not None]
+    assert names, spec
 
     def add(module, args, output):
         return output + v
 
     for i in (0, 1, 2):
-        for name in (ln1, ln2):
+        for name in names:
             compare(model, ids, "no_grad",
                     [lambda i=i, name=name: getattr(blocks[i], name).register_forward_hook(add)])
 
