@@ -13,7 +13,7 @@ from .files.patch_file import ModelMismatchError, PatchFileError, load, save
 from .files.gguf_io import export_gguf, import_gguf
 from .integrations.hf import Handle, apply, cast, hooks, patched
 from .lifecycle import Registry, evaluate, fit
-from .core.version import __version__
+from .core.version import __version__  # noqa: F401 (re-export: fastpatch.__version__)
 
 __all__ = [
     "Ablate", "CanonicalPatch", "Clamp", "Encoded", "Gate", "Gated", "LoReFT", "LowRank", "Patch", "PatchBank",

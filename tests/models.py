@@ -123,5 +123,6 @@ def tiny_model(arch: str, dtype=torch.float32, seed: int = 0, num_layers: int = 
     return model.to(dtype).eval()
 
 
-from fastpatch.app.models import (SMOLLM_GGUF, cache_dir, load_minilm, load_smollm2,  # noqa: F401
+# Imported here, after HF_HUB_OFFLINE is set above (E402); re-exported for the tests (F401).
+from fastpatch.app.models import (SMOLLM_GGUF, cache_dir, load_minilm, load_smollm2,  # noqa: E402, F401
                               smollm2_checkpoint, smollm2_folder)

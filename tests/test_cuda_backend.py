@@ -256,7 +256,8 @@ def test_opcheck_and_torch_compile():
     case = _case(16, 256, torch.float32, "loreft", True, "mixed", "layer")
     b = case.bank
     args = (case.x, case.residual, case.weight, case.bias, 1e-6, 1, 0.0, b.down, b.bias, b.up, b.shift,
-            b.gate_dir, b.gate_threshold, b.gate_mode, b.act_threshold, case.index, torch.zeros(3, dtype=torch.int32, device="cuda"),
+            b.gate_dir, b.gate_threshold, b.gate_mode, b.act_threshold, case.index,
+            torch.zeros(3, dtype=torch.int32, device="cuda"),
             torch.empty_like(case.x), torch.empty_like(case.x))
     torch.library.opcheck(cuda.op(), args)
 

@@ -134,7 +134,10 @@ def emulate(lib, x, residual, weight, *, bias=None, eps=1e-6, norm="rms", bank=N
                                                      weight_offset, fire_counts)
     out2d = torch.empty_like(x2d) if out is None else out.view(x2d.shape)
     res_out2d = torch.empty_like(x2d) if residual_out is None else residual_out.view(x2d.shape)
-    supported = (lambda t: t if t is None or t.dtype in (torch.float32, x.dtype) else t.float())
+
+    def supported(t):
+        return t if t is None or t.dtype in (torch.float32, x.dtype) else t.float()
+
     w, b = supported(w), supported(b)
     p = Params(rows=x2d.shape[0], hidden=x2d.shape[1], x_dtype=_DTYPE_CODE[x.dtype], x=_ptr(x2d),
                residual=_ptr(res2d), out=_ptr(out2d), residual_out=_ptr(res_out2d), norm_kind=norm_kind,

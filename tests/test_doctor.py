@@ -32,7 +32,8 @@ def test_doctor_subprocess_passes_here():
                     "all checks passed"):
         assert section in text.splitlines(), (section, text)
     for line_start in ("  python ", "  torch ", "  transformers ", "  triton ", "  vllm ", "  cuda ",
-                       "  TORCH_EXTENSIONS_DIR ", "  cpp     ", "  cpu  cpp       ok: float32, bfloat16, float16: max error",
+                       "  TORCH_EXTENSIONS_DIR ", "  cpp     ",
+                       "  cpu  cpp       ok: float32, bfloat16, float16: max error",
                        "  cpu  reference ok (the oracle)", "  backend=None on cpu: cpp"):
         assert any(line.startswith(line_start) for line in text.splitlines()), (line_start, text)
     assert "tested range >=" in text

@@ -400,7 +400,8 @@ def test_gpu_check_dry_run(tmp_path):
                             ("bank256_mixed", 1.02, 0.9))]
     got = {t["target"].split(" (")[0]: (t["value"], t["met"]) for t in gpu_check.targets(fake)}
     assert got == {"steer ≥ 90% of copy bandwidth": (0.93, True), "steer ≤ 1.02× unpatched": (1.01, True),
-                   "rank-16 ≤ 1.10× unpatched": (1.2, False), "256 patches in one batch ≤ 1.05× one patch": (1.01, True)}
+                   "rank-16 ≤ 1.10× unpatched": (1.2, False),
+                   "256 patches in one batch ≤ 1.05× one patch": (1.01, True)}
     # torch_unfused computes what the reference does (it is timed as the unfused baseline)
     x, r, w, bank, index = gpu_check.make_inputs(5, 48, "bank256_mixed", "cpu", torch.float32)
     out, res = gpu_check.torch_unfused(x, r, w, bank, index)

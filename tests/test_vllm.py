@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 
 import pytest
-import torch
 
 from test_vllm_common import (one_torch_thread,  # noqa: F401 (autouse fixture)
                               MAX_TOKENS, PROMPTS, TOL, engine, hf_greedy, kind_patches, sampling, smollm2_folder,

@@ -22,7 +22,8 @@ import torch
 import fastpatch
 from fastpatch.core.errors import UnsupportedModelError
 from test_vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
-from test_vllm_common import MAX_TOKENS, TOL, engine, hf_greedy, sampling, tokens_and_logprobs, vllm_or_skip, write_files
+from test_vllm_common import (MAX_TOKENS, TOL, engine, hf_greedy, sampling, tokens_and_logprobs, vllm_or_skip,
+                              write_files)
 
 ARCHS = [pytest.param("granite")] + [pytest.param(a, marks=pytest.mark.slow) for a in (
     "gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "olmo2", "gpt_neox")]
@@ -123,7 +124,8 @@ def test_architecture(arch, tmp_path):
     g = torch.Generator().manual_seed(3)
     pre, post0, post2 = (torch.randn(d, generator=g) * s for s in (0.5, 2.0, 1.5))
     mix = {"layers.0.resid_post": fastpatch.Steer(torch.randn(d, generator=g) * 2),
-           "layers.1.resid_mid": fastpatch.LowRank(torch.randn(d, 2, generator=g) * 0.1, torch.randn(2, d, generator=g)),
+           "layers.1.resid_mid": fastpatch.LowRank(torch.randn(d, 2, generator=g) * 0.1,
+                                                   torch.randn(2, d, generator=g)),
            "layers.2.resid_post": fastpatch.Ablate(torch.randn(d, generator=g))}
     if arch in PARALLEL:
         mix["layers.1.resid_post"] = mix.pop("layers.1.resid_mid")
@@ -155,14 +157,16 @@ def test_architecture(arch, tmp_path):
 def _layer_source(module_name: str, cls_name: str) -> str:
     import importlib
 
-    src = inspect.getsource(getattr(importlib.import_module(f"vllm.model_executor.models.{module_name}"), cls_name).forward)
+    module = importlib.import_module(f"vllm.model_executor.models.{module_name}")
+    src = inspect.getsource(getattr(module, cls_name).forward)
     return "".join(src.split())  # whitespace-free: vLLM's formatting may wrap calls
 
 
 @pytest.mark.parametrize("module_name,layer_cls,model_cls", [
     ("gemma2", "Gemma2DecoderLayer", "Gemma2ForCausalLM"), ("gemma3", "Gemma3DecoderLayer", "Gemma3ForCausalLM"),
     ("llama", "LlamaDecoderLayer", "Phi3ForCausalLM"), ("qwen2_moe", "Qwen2MoeDecoderLayer", "Qwen2MoeForCausalLM"),
-    ("qwen3_moe", "Qwen3MoeDecoderLayer", "Qwen3MoeForCausalLM"), ("mixtral", "MixtralDecoderLayer", "MixtralForCausalLM")])
+    ("qwen3_moe", "Qwen3MoeDecoderLayer", "Qwen3MoeForCausalLM"),
+    ("mixtral", "MixtralDecoderLayer", "MixtralForCausalLM")])
 def test_fused_form_mapping_matches_vllm_layer_code(module_name, layer_cls, model_cls):
     """The fused form's premise, read from the installed vLLM: the layer calls input_layernorm and the mapped
     mid norm with (hidden_states, residual), and returns them unsummed. Guards against a vLLM that moves the add."""
@@ -180,7 +184,8 @@ def test_fused_form_mapping_matches_vllm_layer_code(module_name, layer_cls, mode
     if module_name == "llama":  # Phi-3 is vLLM's Llama
         from vllm.model_executor.models.llama import LlamaForCausalLM
 
-        assert issubclass(getattr(importlib.import_module("vllm.model_executor.models.phi3"), model_cls), LlamaForCausalLM)
+        phi3 = importlib.import_module("vllm.model_executor.models.phi3")
+        assert issubclass(getattr(phi3, model_cls), LlamaForCausalLM)
 
 
 def test_granite_mapping_matches_vllm_layer_code():
@@ -228,9 +233,11 @@ def test_parallel_block_refuses_resid_mid_naming_its_sites():
     from fastpatch.integrations.vllm.model import decoder
 
     dec = decoder(_fake_backend("GPTNeoXModel"))
-    assert dec.site_names() == ["layers.0.resid_pre", "layers.0.resid_post", "layers.1.resid_post", "layers.2.resid_post"]
+    assert dec.site_names() == ["layers.0.resid_pre", "layers.0.resid_post", "layers.1.resid_post",
+                                "layers.2.resid_post"]
     with pytest.raises(UnsupportedModelError, match=r"layers\.1\.resid_mid: TransformersForCausalLM\(GPTNeoXModel\) "
-                       r"has no resid_mid site \(parallel attention \+ MLP block.*its sites are layers\.0\.resid_pre and "
+                       r"has no resid_mid site \(parallel attention \+ MLP block.*"
+                       r"its sites are layers\.0\.resid_pre and "
                        r"layers\.i\.resid_post for 0 <= i < 3"):
         dec.module_for(("mid", 1))
     seq = decoder(_fake_backend("GPTNeoXModel", parallel=False))  # use_parallel_residual=False: sequential
@@ -274,7 +281,8 @@ def test_inplace_norm_writes_the_patched_stream_back(mode):
     d, n = 64, 7
     patches, bank, index = _bank_and_index(d)
     vanilla, patched = _norm("RMSNorm", d), _norm("RMSNorm", d)
-    _patch_norm(patched, ("mid", 0), bank, index, backends.resolve("cpp", torch.device("cpu")), mode, 0.0, write_back=True)
+    _patch_norm(patched, ("mid", 0), bank, index, backends.resolve("cpp", torch.device("cpu")), mode, 0.0,
+                write_back=True)
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(9))
     alias = x.clone()
     out = patched(alias)
@@ -303,5 +311,6 @@ def test_hooks_patch_the_stream_in_place():
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         got = layer(x.clone())
-        want = _want(torch.nn.functional.linear(_want(x, patches, index).float(), layer.weight, layer.bias), patches, index)
+        want = _want(torch.nn.functional.linear(_want(x, patches, index).float(), layer.weight, layer.bias),
+                     patches, index)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -76,7 +76,8 @@ def kind_patches(hidden: int, seed: int = 0) -> dict:
         "lowrank": {"layers.6.resid_post": fastpatch.LowRank(rnd(hidden, 3, scale=0.05), rnd(3, hidden, scale=0.5))},
         "loreft": {"layers.7.resid_post": fastpatch.LoReFT(R, rnd(4, hidden, scale=0.05), rnd(4, scale=2.0))},
         "gated": {"layers.11.resid_post": fastpatch.Gated(fastpatch.Steer(rnd(hidden, scale=4.0)), unit(), 0.0)},
-        "composed": {"layers.13.resid_post": compose(fastpatch.Ablate(unit()), fastpatch.Steer(rnd(hidden, scale=4.0)))},
+        "composed": {"layers.13.resid_post": compose(fastpatch.Ablate(unit()),
+                                                     fastpatch.Steer(rnd(hidden, scale=4.0)))},
     }
 
 

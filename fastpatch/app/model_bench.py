@@ -316,7 +316,8 @@ def _summarise(cfg, names, prefill, decode, device, dtype, model) -> dict:
 
     return {
         "config": asdict(cfg),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device": (torch.cuda.get_device_name() if device.type == "cuda"
+                   else (platform.processor() or platform.machine())),
         "device_type": device.type,
         "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
@@ -336,7 +337,8 @@ def format_table(result: dict) -> str:
             f"({result['device']}, {result['threads']} threads), batch {result['config']['batch']}, "
             f"prompt {result['config']['prompt_len']}, {result['config']['new_tokens']} new tokens")
     lines = [head, "",
-             "| variant | prefill ms | decode ms/token | prefill / HF eager | decode / HF eager | decode / fastpatch unpatched |",
+             "| variant | prefill ms | decode ms/token | prefill / HF eager | decode / HF eager "
+             "| decode / fastpatch unpatched |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         lines.append(f"| {r['variant']} | {r['prefill_ms']:.2f} | {r['decode_ms_per_token']:.3f} | "
@@ -363,9 +365,10 @@ def plot(result: dict, path: str) -> bool:
     rows = result["rows"]
     labels = [r["variant"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, key, title in ((axes[0], "prefill_vs_hf_eager", "prefill"), (axes[1], "decode_vs_hf_eager", "decode per token")):
+    for ax, key, title in ((axes[0], "prefill_vs_hf_eager", "prefill"),
+                           (axes[1], "decode_vs_hf_eager", "decode per token")):
         vals = [r[key] for r in rows]
-        colors = ["#999999" if l.startswith("hf_") else "#1f77b4" for l in labels]
+        colors = ["#999999" if label.startswith("hf_") else "#1f77b4" for label in labels]
         ax.barh(labels, vals, color=colors)
         ax.axvline(1.0, color="k", lw=0.8, ls="--")
         for i, v in enumerate(vals):

@@ -206,7 +206,8 @@ def import_gguf(path, *, scale: float = 1.0, model=None) -> dict:
         fp = as_fingerprint(model)
         d = next(iter(info["directions"].values())).shape[0]
         if fp.get("hidden_size") not in (None, d):
-            raise PatchFileError(f"{path}: directions have {d} elements, the model's hidden size is {fp['hidden_size']}")
+            raise PatchFileError(f"{path}: directions have {d} elements, "
+                                 f"the model's hidden size is {fp['hidden_size']}")
         last = max(info["directions"])
         if isinstance(fp.get("num_layers"), int) and last >= fp["num_layers"]:
             raise PatchFileError(f"{path}: direction.{last} is past the model's {fp['num_layers']} layers")

@@ -126,7 +126,8 @@ def _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offs
         _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, backend, index is None,
                   x.shape[-1], norm_kind, impl)
     if x2d.shape[0] == 0:
-        return (torch.empty_like(x) if out is None else out), (torch.empty_like(x) if residual_out is None else residual_out)
+        return ((torch.empty_like(x) if out is None else out),
+                (torch.empty_like(x) if residual_out is None else residual_out))
     o, r = impl.run(x2d, res2d, w, b, float(eps), norm_kind, float(weight_offset), bank, idx, fire_counts,
                     out2d, res_out2d)
     return o.view_as(x), r.view_as(x)  # view_as: ~1.3 µs each on CPU, view(x.shape) ~3.4 µs

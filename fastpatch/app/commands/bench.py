@@ -66,7 +66,8 @@ def add_arguments(p) -> None:
     number("--bank-size", "patches in the bank variant")
     p.add_argument("--variants", nargs="*", default=[], help="only these variants (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default="fastpatch-bench", help="folder for bench.json/.md/.png (default ./fastpatch-bench)")
+    p.add_argument("--out", default="fastpatch-bench",
+                   help="folder for bench.json/.md/.png (default ./fastpatch-bench)")
     add_progress_argument(p)
 
 

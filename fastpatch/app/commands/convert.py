@@ -32,7 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model-hint", default=None,
                    help="controlvector.model_hint for .gguf output (default: the file's model type, else '')")
     p.add_argument("--name", default=None, help="manifest name for .safetensors output (default: output file stem)")
-    p.add_argument("--version", default="0.1.0", help="manifest semantic version for .safetensors output (default 0.1.0)")
+    p.add_argument("--version", default="0.1.0",
+                   help="manifest semantic version for .safetensors output (default 0.1.0)")
     p.add_argument("--author", default=None, help="manifest author for .safetensors output")
     p.add_argument("--description", default=None, help="manifest description for .safetensors output")
 

@@ -35,7 +35,8 @@ def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--site", default=DEFAULT_SITE, help=f"site to steer (default {DEFAULT_SITE})")
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help=f"steering scale (default {DEFAULT_SCALE})")
-    p.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca"], help="steering fit (default mean_diff)")
+    p.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca"],
+                   help="steering fit (default mean_diff)")
     p.add_argument("--pairs", type=int, default=None, help="use only the first N prompt pairs")
     p.add_argument("--prompts", default=None, help="prompt JSON (default: built-in sentiment pairs)")
     p.add_argument("--tokens", type=int, default=40, help="new tokens per generation (default 40)")

@@ -109,7 +109,8 @@ def _versions() -> dict:
         "vllm": _vllm()["installed"],
         "cuda": cuda,
         "toolchain": {
-            "c++": shutil.which(cxx) and f"{shutil.which(cxx)} ({(_command_output([cxx, '--version']).splitlines() or ['?'])[0]})",
+            "c++": (shutil.which(cxx)
+                    and f"{shutil.which(cxx)} ({(_command_output([cxx, '--version']).splitlines() or ['?'])[0]})"),
             "ninja": ninja and f"{ninja} ({_command_output([ninja, '--version']) or '?'})",
             "nvcc": nvcc if nvcc and os.path.exists(nvcc) else None,
         },

@@ -177,7 +177,8 @@ def _run(gov, args):
         info = gov.show(name)
         if args.json:
             return info
-        lines = [f"patch set {name}", f"  policy:  {json.dumps({k: v for k, v in info['policy'].items() if v is not None})}",
+        lines = [f"patch set {name}",
+                 f"  policy:  {json.dumps({k: v for k, v in info['policy'].items() if v is not None})}",
                  f"  rollout: stable={info['rollout']['stable']} arms={info['rollout']['arms']} "
                  f"paused={info['rollout']['paused']} guard={info['rollout'].get('guard')}"]
         for v in info["versions"]:

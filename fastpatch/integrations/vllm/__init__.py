@@ -32,8 +32,9 @@ from .model import SUPPORTED, UnsupportedModelError
 from .slots import PatchSlotError
 from .worker import WorkerExtension
 
-__all__ = ["KEY", "FastpatchConfigError", "FastpatchStartError", "PatchSlotError", "PluginConfig", "SUPPORTED", "UnsupportedModelError",
-           "TESTED_RANGE", "WorkerExtension", "load_patch", "parse", "register", "unload_patch"]
+__all__ = ["KEY", "FastpatchConfigError", "FastpatchStartError", "PatchSlotError", "PluginConfig", "SUPPORTED",
+           "UnsupportedModelError", "TESTED_RANGE", "WorkerExtension", "load_patch", "parse", "register",
+           "unload_patch"]
 
 
 # Where register() hooks in. A vLLM release that moves one of these must never leave an engine that

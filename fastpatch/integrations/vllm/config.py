@@ -96,5 +96,6 @@ def parse(raw) -> PluginConfig:
 
 def check_name(name) -> str:
     if not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable():
-        raise FastpatchConfigError(f"fastpatch patch names are non-empty printable strings (<= 128 chars), got {name!r}")
+        raise FastpatchConfigError(
+            f"fastpatch patch names are non-empty printable strings (<= 128 chars), got {name!r}")
     return name

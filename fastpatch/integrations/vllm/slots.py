@@ -67,7 +67,8 @@ def read_patches(path, fingerprint: Optional[dict], num_layers: int, force: bool
         except ValueError as exc:
             raise PatchSlotError(f"{path}: {exc}") from None
         if key in out:
-            raise PatchSlotError(f"{path}: site {site!r} names the same point of the stream as another site in the file")
+            raise PatchSlotError(
+                f"{path}: site {site!r} names the same point of the stream as another site in the file")
         canon = to_canonical(value)
         if not canon.is_identity:
             # The slot tables hold no per-component activation yet: serving such a patch as if φ were the
@@ -83,7 +84,8 @@ def read_patches(path, fingerprint: Optional[dict], num_layers: int, force: bool
 
 def _zero(hidden: int, rank: int) -> CanonicalPatch:
     z = torch.zeros(rank, hidden, dtype=torch.float64)
-    return CanonicalPatch(z, torch.zeros(rank, dtype=torch.float64), z.clone(), torch.zeros(hidden, dtype=torch.float64))
+    return CanonicalPatch(z, torch.zeros(rank, dtype=torch.float64), z.clone(),
+                          torch.zeros(hidden, dtype=torch.float64))
 
 
 class SlotTable:
@@ -109,8 +111,9 @@ class SlotTable:
             keys = {parse_site(s, num_layers) for s in sites}
             missing = used - keys
             if missing:
-                raise PatchSlotError(f"fastpatch: declared patches use site(s) {[site_name(k) for k in sorted(missing)]} "
-                                     "that are not in the 'sites' option")
+                raise PatchSlotError(
+                    f"fastpatch: declared patches use site(s) {[site_name(k) for k in sorted(missing)]} "
+                    "that are not in the 'sites' option")
         if not keys:
             raise PatchSlotError("fastpatch: no site to patch (declare patches or list 'sites' for run-time loads)")
         rank = max([c.rank for p in declared.values() for c in p.values()] + [0])
@@ -164,8 +167,9 @@ class SlotTable:
         if slot is None:
             free = sorted(set(range(self.capacity)) - set(self.names.values()))
             if not free:
-                raise PatchSlotError(f"fastpatch: all {self.capacity} slots are full ({sorted(self.names)}); unload one "
-                                     "or start the engine with more spare_slots")
+                raise PatchSlotError(
+                    f"fastpatch: all {self.capacity} slots are full ({sorted(self.names)}); unload one "
+                    "or start the engine with more spare_slots")
             slot = free[0]
         for key, bank in self.banks.items():
             _write_row(bank, slot, patches.get(key, _zero(self.hidden_size, 0)))

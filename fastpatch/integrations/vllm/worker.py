@@ -18,7 +18,7 @@ from ...core.sites import site_name
 from .checkpoint import model_fingerprint
 from .compat import refuse
 from .model import decoder, install, installed_sites
-from .slots import SlotTable, file_digest, read_patches
+from .slots import SlotTable, read_patches
 
 logger = logging.getLogger("fastpatch.vllm")
 

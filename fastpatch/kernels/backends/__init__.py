@@ -205,8 +205,8 @@ def _warn_slow(device: torch.device) -> None:
     _warn_once(("slow", device.type),
                f"fastpatch: no compiled backend works for {device.type} tensors here, so backend=None runs the "
                f"float64 reference (correct, but 10-100x slower). " + "; ".join(reasons) + ". "
-               f"`fastpatch doctor` checks every backend; pass backend='reference' to choose the reference on "
-               f"purpose (no warning).")
+               "`fastpatch doctor` checks every backend; pass backend='reference' to choose the reference on "
+               "purpose (no warning).")
 
 
 def resolve(backend, device: torch.device, dtype: Optional[torch.dtype] = None) -> ModuleType:
@@ -226,7 +226,8 @@ def resolve(backend, device: torch.device, dtype: Optional[torch.dtype] = None) 
             return module
         raise RuntimeError(
             f"fastpatch backend {backend!r} for {device.type} is not initialised yet: call "
-            f"fastpatch.kernels.backends.prepare({device.type!r}, {backend!r}) (or run once eagerly) before torch.compile")
+            f"fastpatch.kernels.backends.prepare({device.type!r}, {backend!r}) (or run once eagerly) "
+            "before torch.compile")
     with _resolve_lock:
         module = _resolved.get(key)
         if module is None:

@@ -179,7 +179,8 @@ def _cases(dtype: torch.dtype, device: torch.device, small: bool) -> list[_Case]
     x, res = randn(N, D), randn(N, D)
     h = x.to(dtype).double() + res.to(dtype).double()
     gated = []
-    for inner, metric, fire in ((LowRank(randn(D, 4) / D**0.5, randn(4, D) / 2, bias=randn(4) * 0.3), "cosine", "above"),
+    for inner, metric, fire in ((LowRank(randn(D, 4) / D**0.5, randn(4, D) / 2, bias=randn(4) * 0.3),
+                                 "cosine", "above"),
                                 (Ablate(randn(D)), "cosine", "below"),
                                 (Clamp(randn(D), value=0.7), "projection", "above"),
                                 (Steer(randn(D), scale=0.8), "projection", "below")):
@@ -223,10 +224,13 @@ def _cases(dtype: torch.dtype, device: torch.device, small: bool) -> list[_Case]
 
     out = []
     for c in cases:
-        cast = (lambda t, dt=dtype: None if t is None else t.to(device=device, dtype=dt))
+        def cast(t, dt=dtype):
+            return None if t is None else t.to(device=device, dtype=dt)
+
         out.append(_Case(
             c.name, cast(c.x), cast(c.residual),
-            None if c.weight is None else c.weight.to(device=device, dtype=torch.float32 if c.name == "plain" else dtype),
+            None if c.weight is None
+            else c.weight.to(device=device, dtype=torch.float32 if c.name == "plain" else dtype),
             cast(c.bias), c.norm_kind, c.eps, c.weight_offset,
             None if c.bank is None else c.bank.to(device), None if c.index is None else c.index.to(device),
             c.count_fires, None if c.bank is None else _as_given(c.bank)))
@@ -255,7 +259,10 @@ def _run_case(run, case: _Case, dtype, result: Result) -> None:
                case.bank, case.index, fires, out, res_out)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)  # an asynchronous kernel fault surfaces here, inside the try
-    cpu = (lambda t: None if t is None else t.cpu())
+
+    def cpu(t):
+        return None if t is None else t.cpu()
+
     exp_fires = torch.zeros(case.bank.num_patches, dtype=torch.int32) if case.count_fires else None
     exp_o, exp_r = reference.fused_add_norm(
         cpu(case.x), cpu(case.residual), cpu(case.weight), bias=cpu(case.bias), eps=case.eps,
@@ -395,8 +402,8 @@ def fix_for(backend: str, reason: str) -> str:
 def refused_fix(backend: str) -> str:
     return (f"a stale or miscompiled build is the usual cause: delete the build cache (`fastpatch doctor` shows "
             f"where it is) and run `fastpatch build`; if `fastpatch doctor` still reports the mismatch, report it "
-            f"to fastpatch's issue tracker with doctor's output. Name a backend (e.g. backend='reference') to choose another, "
-            f"or set {ENV}=0 to skip the check (not recommended)")
+            f"to fastpatch's issue tracker with doctor's output. Name a backend (e.g. backend='reference') "
+            f"to choose another, or set {ENV}=0 to skip the check (not recommended)")
 
 
 def refusal_message(result: Result, named: bool, fallback: Optional[str] = None) -> str:
