@@ -37,7 +37,7 @@ def _call(base, path, token=None, body=None, raw=None):
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(base + path, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=300) as r:  # a bound against hangs, not a speed check
             text = r.read().decode()
             return r.status, dict(r.headers), (json.loads(text) if "json" in r.headers["Content-Type"] else text)
     except urllib.error.HTTPError as e:
