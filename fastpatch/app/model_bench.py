@@ -48,6 +48,11 @@ class BenchConfig:
     arch: str = "llama"  # --arch: the family of the built-in random-weight model (ARCH_CONFIGS)
     variants: list = field(default_factory=list)  # empty = all
     seed: int = 0
+    # --steer-scale: the scale of every steering vector (unit-variance direction / sqrt(hidden) x this).
+    # On a mixture-of-experts model a steer of the default size changes which experts the tokens go to,
+    # so the patched run does different MoE work; a tiny one (1e-6) keeps the routing and measures the
+    # cost of the patch itself. The routing check in the result says which.
+    steer_scale: float = 2.0
 
     def resolved_device(self) -> torch.device:
         from .models import parse_device
@@ -150,7 +155,7 @@ def _variants(cfg: BenchConfig, D: int, L: int, device) -> dict[str, Callable]:
     sites = _layer_sites(L)
 
     def steer():
-        return fp.Steer(torch.randn(D, generator=gen) / D**0.5, scale=2.0)
+        return fp.Steer(torch.randn(D, generator=gen) / D**0.5, scale=cfg.steer_scale)
 
     def lowrank():
         return fp.LowRank(torch.randn(D, cfg.rank, generator=gen) / D**0.5,
@@ -232,6 +237,54 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _moe_gates(model) -> list:
+    """The router of every mixture-of-experts block (a module with ``gate`` and ``experts``), in order."""
+    return [m.gate for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+
+
+def _expert_ids(output, k: int) -> torch.Tensor:
+    """The top-k expert ids per token from a router's output: transformers 5.x routers return
+    (logits, weights, expert ids); older ones (a Linear) the logits, whose top-k the block takes."""
+    if isinstance(output, tuple):
+        return output[2].detach().sort(-1).values
+    return output.detach().topk(k, dim=-1).indices.sort(-1).values
+
+
+def _routing(model, gates, k: int, ids: torch.Tensor) -> list:
+    """Expert ids per token per MoE layer for one full forward of ``ids`` (no cache)."""
+    seen = []
+    hs = [g.register_forward_hook(lambda m, a, o: seen.append(_expert_ids(o, k))) for g in gates]
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for h in hs:
+            h.remove()
+    return seen
+
+
+def _routing_check(model, makers, names, prompt, generated) -> Optional[dict]:
+    """On a mixture-of-experts model: per variant, whether it decoded the same tokens as the unpatched
+    model and sent every token (prompt + its own decoded tokens) to the same top-k experts in every MoE
+    layer. None for a dense model. Differences mean the variant's timings include different MoE work."""
+    gates = _moe_gates(model)
+    if not gates:
+        return None
+    k = getattr(model.config, "num_experts_per_tok", None) or 2
+    ref_tokens = generated.get("fastpatch_unpatched", generated.get("hf_eager"))
+    out = {}
+    for n in names:
+        seq = torch.cat([prompt, generated[n]], dim=1)
+        ref = _routing(model, gates, k, seq)  # the unpatched model on the same tokens
+        with _applied(model, makers[n]):
+            got = _routing(model, gates, k, seq)
+        differ = sum(int((a != b).any(-1).sum()) for a, b in zip(got, ref))
+        total = sum(a.shape[0] for a in ref)
+        out[n] = {"same_tokens_as_unpatched": bool(ref_tokens is not None and torch.equal(generated[n], ref_tokens)),
+                  "token_layers_routed_differently": differ, "token_layers": total}
+    return out
+
+
 def run_bench(cfg: BenchConfig, progress: bool = True, model=None) -> dict:
     """Time every variant on one model (``model``, else built from ``cfg``); the model is left unpatched."""
     from tqdm.auto import tqdm
@@ -272,12 +325,13 @@ def run_bench(cfg: BenchConfig, progress: bool = True, model=None) -> dict:
             prefill[n].append(forward(n, input_ids=prompt, attention_mask=mask)[0])
             bar.update(1)
     cache_kw = _cache_kwarg(model)
-    caches, nxt, masks = {}, {}, {}
+    caches, nxt, masks, generated = {}, {}, {}, {}
     for n in names:
         caches[n] = _new_cache(model)
         _, out = forward(n, input_ids=prompt, attention_mask=mask, use_cache=True, **{cache_kw: caches[n]})
         nxt[n] = out.logits[:, -1:].argmax(-1)
         masks[n] = mask
+        generated[n] = [nxt[n]]
     for start in range(0, cfg.new_tokens, cfg.decode_block):
         steps = min(cfg.decode_block, cfg.new_tokens - start)
         for n in names:
@@ -288,10 +342,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True, model=None) -> dict:
                                                    **{cache_kw: caches[n]}), device)
                     decode[n].append(dt)
                     nxt[n] = out.logits[:, -1:].argmax(-1)
+                    generated[n].append(nxt[n])
                     bar.update(1)
     bar.close()
     _check_restored(model, probe, unpatched, names[-1])
-    return _summarise(cfg, names, prefill, decode, device, dtype, model)
+    tokens = {n: torch.cat(generated[n][:-1] or [prompt[:, :0]], dim=1) for n in names}  # the tokens fed
+    result = _summarise(cfg, names, prefill, decode, device, dtype, model)
+    result["routing"] = _routing_check(model, makers, names, prompt, tokens)
+    return result
 
 
 def _paired_ratio(a: list, b: list) -> float:
@@ -346,6 +404,16 @@ def format_table(result: dict) -> str:
                      f"{r['decode_vs_fastpatch_unpatched']:.3f} |")
     lines.append("")
     lines.append("Ratios are medians of paired samples (each variant timed back to back); < 1 is faster.")
+    routing = result.get("routing")
+    if routing:
+        scale = result["config"]["steer_scale"]
+        lines += ["", f"Mixture-of-experts routing vs the unpatched model (steer scale {scale}; top-k expert ids "
+                  "of every token, prompt + decoded, in every MoE layer):", ""]
+        for n, r in routing.items():
+            lines.append(f"- {n}: same decoded tokens {'yes' if r['same_tokens_as_unpatched'] else 'NO'}, "
+                         f"{r['token_layers_routed_differently']} of {r['token_layers']} token-layers routed "
+                         "differently" + ("" if r["token_layers_routed_differently"] == 0 and
+                                          r["same_tokens_as_unpatched"] else " (timings include other MoE work)"))
     return "\n".join(lines)
 
 

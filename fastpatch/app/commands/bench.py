@@ -64,6 +64,8 @@ def add_arguments(p) -> None:
     number("--repeats", "prefill repeats per variant")
     number("--rank", "rank of the low-rank variant")
     number("--bank-size", "patches in the bank variant")
+    number("--steer-scale", "scale of every steering vector; on a mixture-of-experts model a tiny one (1e-6) keeps "
+           "the expert routing unchanged, so the timing is the patch's own cost (checked, in the output)")
     p.add_argument("--variants", nargs="*", default=[], help="only these variants (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="fastpatch-bench",
