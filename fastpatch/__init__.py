@@ -13,6 +13,7 @@ from .files.patch_file import ModelMismatchError, PatchFileError, load, save
 from .files.gguf_io import export_gguf, import_gguf
 from .integrations.hf import Handle, apply, cast, hooks, patched
 from .lifecycle import Registry, evaluate, fit
+from .lifecycle import sae  # fastpatch.sae.load(path): SAE feature edits as patches
 from .core.version import __version__  # noqa: F401 (re-export: fastpatch.__version__)
 
 __all__ = [
@@ -20,5 +21,5 @@ __all__ = [
     "Scope", "Scoped", "Steer", "TrainableBank", "as_bank", "config", "fused_add_norm", "reference",
     "Handle", "apply", "patched", "cast", "hooks",
     "compose", "fingerprint", "save", "load", "PatchFileError", "ModelMismatchError", "export_gguf", "import_gguf",
-    "evaluate", "fit", "Registry",
+    "evaluate", "fit", "Registry", "sae",
 ]
