@@ -32,7 +32,14 @@ def add_rows(fn):
 
 
 def block(model, i):
-    return model.model.layers[i]
+    base = model.base_model  # model / transformer / gpt_neox
+    return (base.layers if hasattr(base, "layers") else base.h)[i]
+
+
+# One generate case per family of issue #18 (MoE, Granite, LayerNorm pre-LN, OLMo 2, parallel blocks), slow
+NEW_ARCHS = ("phi3", "qwen2_moe", "qwen3_moe", "mixtral", "granite", "stablelm", "starcoder2", "olmo", "olmo2",
+             "gpt_neox", "cohere", "gptj", "falcon", "phi")
+ARCH_PARAMS = ["llama", *(pytest.param(a, marks=pytest.mark.slow) for a in NEW_ARCHS)]
 
 
 def vectors():
@@ -67,11 +74,12 @@ BEAMS = dict(num_beams=3, num_return_sequences=2, do_sample=False)
 GREEDY_K = dict(num_return_sequences=2, do_sample=True, top_k=1)  # sampling from the top token: greedy, twice
 
 
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 @pytest.mark.parametrize("mode", ["beams", "greedy_k", "static", "static_beams"])
-def test_select_follows_expansion(mode):
+def test_select_follows_expansion(mode, arch):
     kw = {"beams": BEAMS, "greedy_k": GREEDY_K, "static": dict(cache_implementation="static"),
           "static_beams": dict(BEAMS, cache_implementation="static")}[mode]
-    model = tiny_model("llama")
+    model = tiny_model(arch)
     v = vectors()
     ids = prompts()
     k = kw.get("num_return_sequences", 1)
@@ -100,10 +108,11 @@ def prompt_scores(model, ids, c, layer):
     return ((pooled @ u).abs() / pooled.norm(dim=-1)).tolist()
 
 
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 @pytest.mark.parametrize("mode", ["beams", "greedy_k", "static_beams"])
-def test_cast_follows_expansion(mode):
+def test_cast_follows_expansion(mode, arch):
     kw = {"beams": BEAMS, "greedy_k": GREEDY_K, "static_beams": dict(BEAMS, cache_implementation="static")}[mode]
-    model = tiny_model("llama")
+    model = tiny_model(arch)
     v = vectors()[0]
     ids = prompts()
     c = torch.randn(D, generator=torch.Generator().manual_seed(11))

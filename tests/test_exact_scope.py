@@ -23,9 +23,15 @@ def test_rule_examples():
     assert pyreft_positions(1, 2, 2) == []
 
 
+# the families of issue #18 (MoE, Granite, LayerNorm pre-LN, OLMo 2, parallel blocks): slow
+NEW_ARCHS = ("phi3", "qwen2_moe", "qwen3_moe", "mixtral", "granite", "stablelm", "starcoder2", "olmo", "olmo2",
+             "gpt_neox", "cohere", "gptj", "falcon", "phi")
+
+
+@pytest.mark.parametrize("arch", ["llama", *(pytest.param(a, marks=pytest.mark.slow) for a in NEW_ARCHS)])
 @pytest.mark.parametrize("scope,p,s", [("f3+l3", 3, 3), ("f5", 5, 0), ("l4", 0, 4), ("f1+l2", 1, 2)])
-def test_short_prompts_follow_pyreft(scope, p, s):
-    model = tiny_model("llama")
+def test_short_prompts_follow_pyreft(scope, p, s, arch):
+    model = tiny_model(arch)
     v = torch.randn(64, generator=torch.Generator().manual_seed(9)) * 5
     L = model.config.num_hidden_layers
     for n in (1, 2, 3, 4, 5, 7, 9):
@@ -39,11 +45,12 @@ def test_short_prompts_follow_pyreft(scope, p, s):
         want = [3 + i for i in pyreft_positions(n, p, s)]
 
         def hook(module, args, out):
-            out = out.clone()
-            out[:, want] += v
-            return out
+            h = (out[0] if isinstance(out, tuple) else out).clone()  # Falcon's block returns a tuple
+            h[:, want] += v
+            return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
-        hk = model.model.layers[L - 1].register_forward_hook(hook)
+        base = model.base_model
+        hk = (base.layers if hasattr(base, "layers") else base.h)[L - 1].register_forward_hook(hook)
         try:
             with torch.no_grad():
                 ref = model(input_ids=ids, attention_mask=mask).logits[:, 3:]
