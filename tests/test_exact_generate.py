@@ -97,7 +97,10 @@ def test_select_follows_expansion(mode, arch):
 def prompt_scores(model, ids, c, layer):
     """CAST's score per prompt, written directly: |mean_t(h)·ĉ| / ‖mean_t(h)‖ at layer's output."""
     seen = {}
-    h = block(model, layer).register_forward_hook(lambda m, a, o: seen.setdefault("h", hidden_of(o).detach()))
+    def read(m, a, o):  # returns None: the output stays (a tuple for GPT-J / Falcon blocks)
+        seen.setdefault("h", hidden_of(o).detach())
+
+    h = block(model, layer).register_forward_hook(read)
     try:
         with torch.no_grad():
             model(input_ids=ids)

@@ -244,7 +244,9 @@ class Engine:
         step.prompt = past == 0
         if not plan.entries:
             return step
-        if step.prompt and attention_mask is not None and attention_mask.dim() == 2:
+        # a 2-D padding mask says which prompt tokens are real; a 4-D mask or transformers' dict of
+        # per-layer-type 4-D masks (generate with a static cache, e.g. Qwen2-MoE) is left as a 4-D mask is
+        if step.prompt and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             step.real = attention_mask[:, -S:].to(torch.bool)
         stored = None
         if plan.conditions:
