@@ -51,13 +51,18 @@ def _report(session: nox.Session, env: dict) -> None:
     session.run("python", "-m", "fastpatch", "doctor", env=env)
 
 
-@nox.session
-def readme(session: nox.Session) -> None:
-    scratch = _scratch("readme")
-    env = _fresh_caches(scratch)
+def _enter_fresh_clone(session: nox.Session, name: str) -> dict:
+    """Clone HEAD into a new scratch folder, work there, and return the env with fresh caches."""
+    scratch = _scratch(name)
     clone = scratch / "clone"
     session.run("git", "clone", "--quiet", str(ROOT), str(clone), external=True)
     session.chdir(clone)
+    return _fresh_caches(scratch)
+
+
+@nox.session
+def readme(session: nox.Session) -> None:
+    env = _enter_fresh_clone(session, "readme")
     # `python` and `pip` on PATH are this session's new venv, which is what install.sh installs into.
     session.run("bash", "scripts/install.sh", env=env, external=True)
     _report(session, env)
@@ -66,11 +71,7 @@ def readme(session: nox.Session) -> None:
 
 @nox.session
 def newest(session: nox.Session) -> None:
-    scratch = _scratch("newest")
-    env = _fresh_caches(scratch)
-    clone = scratch / "clone"
-    session.run("git", "clone", "--quiet", str(ROOT), str(clone), external=True)
-    session.chdir(clone)
+    env = _enter_fresh_clone(session, "newest")
     session.install(TORCH_CPU)
     session.install("-e", ".[test]")
     session.run("python", "-m", "pip", "check")  # what pip resolved is consistent
