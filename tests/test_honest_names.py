@@ -16,18 +16,9 @@ from fastpatch.kernels import autograd as ag
 from fastpatch.kernels import backends
 
 from casegen import gate_threshold, make_patch
+from test_training import TRAINED, _close
+from test_training import _reference_grads as _reference  # the float64 oracle of the training tests
 
-TRAINED = ("down", "bias", "up", "shift")
-
-
-class _Float64View:
-    """Duck-typed bank for ``reference.patch_rows``: the trainable tensors as float64 leaves."""
-
-    def __init__(self, bank, params):
-        self.bank, self.params, self.num_patches = bank, params, bank.num_patches
-
-    def float64(self):
-        return dict(self.bank.float64(), **self.params)
 
 
 def _case(norm, seed, trainable_bank=True, D=24, N=9):
@@ -43,25 +34,6 @@ def _case(norm, seed, trainable_bank=True, D=24, N=9):
     bank = ag.TrainableBank(patches, D) if trainable_bank else fp.PatchBank(patches, D)
     idx = torch.tensor([-1, 0, 1, 2] + [i % 3 for i in range(N - 4)])
     return x, r, w, b, bank, idx, g
-
-
-def _reference(x, r, w, b, bank, idx, norm, eps, offset, g_out, g_res, trained):
-    """Outputs and gradients of the float64 reference, differentiated by torch."""
-    p64 = {n: getattr(bank, n).detach().double().requires_grad_() for n in trained}
-    x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
-    b64 = None if b is None else b.detach().double().requires_grad_()
-    h = reference.patch_rows(x64 + r64, _Float64View(bank, p64), idx)
-    o = reference.normalize(h, w64, b64, eps, norm, offset)
-    ((o * g_out.double()).sum() + (h * g_res.double()).sum()).backward()
-    grads = {"x": x64.grad, "residual": r64.grad, "weight": w64.grad, "norm_bias": None if b64 is None else b64.grad}
-    grads.update({n: p64[n].grad for n in trained})
-    return o.detach(), h.detach(), grads
-
-
-def _close(a, ref, tol, what):
-    scale = ref.abs().max().clamp_min(1e-6)
-    err = (a.double() - ref.double()).abs().max()
-    assert err <= tol * scale, f"{what}: max |diff| {err.item():.3g} > {tol} x max |ref| {scale.item():.3g}"
 
 
 @pytest.mark.parametrize("backend", [None, "reference"])

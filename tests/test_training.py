@@ -41,9 +41,10 @@ class _Float64View:
         return dict(self.bank.float64(), **self.params)
 
 
-def _reference_grads(x, r, w, b, bank, idx, norm, eps, offset, g_out, g_res):
-    """Outputs and gradients from torch autograd through the float64 reference."""
-    p64 = {n: getattr(bank, n).detach().double().requires_grad_() for n in TRAINED}
+def _reference_grads(x, r, w, b, bank, idx, norm, eps, offset, g_out, g_res, trained=TRAINED):
+    """Outputs and gradients from torch autograd through the float64 reference (``trained``: the bank
+    tensors differentiated; the others come from the bank's own float64 copy)."""
+    p64 = {n: getattr(bank, n).detach().double().requires_grad_() for n in trained}
     x64 = x.detach().double().requires_grad_()
     r64 = None if r is None else r.detach().double().requires_grad_()
     w64 = w.detach().double().requires_grad_()
@@ -54,7 +55,7 @@ def _reference_grads(x, r, w, b, bank, idx, norm, eps, offset, g_out, g_res):
     ((o * g_out.double()).sum() + (h * g_res.double()).sum()).backward()
     grads = {"x": x64.grad, "residual": None if r64 is None else r64.grad, "weight": w64.grad,
              "norm_bias": None if b64 is None else b64.grad}
-    grads.update({n: p64[n].grad for n in TRAINED})
+    grads.update({n: p64[n].grad for n in trained})
     return o.detach(), h.detach(), grads
 
 
