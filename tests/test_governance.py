@@ -18,30 +18,8 @@ from fastpatch.lifecycle.policy import PolicyViolation
 from fastpatch.lifecycle.serving import Serving
 from fastpatch.lifecycle.store import SQLiteStore
 
+from governance_util import D, NEW, PROMPT, SITE0, Clock, greedy_logits, hook_oracle, patches_of, vec
 from models import tiny_model
-
-D = 64
-SITE0, SITE1 = "layers.0.resid_post", "layers.1.resid_post"
-PROMPT = torch.tensor([[5, 17, 33, 2, 90, 41]])
-NEW = 4
-
-
-class Clock:
-    def __init__(self, t=1_000_000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-
-def _vec(seed, norm=6.0):
-    v = torch.randn(D, generator=torch.Generator().manual_seed(seed))
-    return v / v.norm() * norm
-
-
-def _patches(seed):
-    return {"p": {SITE0: fastpatch.Steer(_vec(seed)), SITE1: fastpatch.Steer(_vec(seed + 500))}}
-
 
 @pytest.fixture
 def gov(tmp_path):
@@ -113,7 +91,7 @@ def test_keyless_requests_are_random_but_split_right():
 
 def test_promote_abort_pause_rollback(gov):
     for i in (0, 1, 2):
-        gov.publish("tone", f"1.{i}.0", _patches(i))
+        gov.publish("tone", f"1.{i}.0", patches_of(i))
     gov.activate("tone", "1.0.0")
     gov.canary("tone", "1.1.0", 10)
     key = next(k for k in KEYS if gov.resolve("tone", key=k).arm == "canary")
@@ -143,8 +121,8 @@ def test_promote_abort_pause_rollback(gov):
 def test_expiry_exactly_at_the_boundary(gov, model):
     clock = gov.clock
     T = clock.t + 100.0
-    gov.publish("tone", "1.0.0", _patches(1))
-    gov.publish("tone", "1.1.0", _patches(2), expires_at=T)
+    gov.publish("tone", "1.0.0", patches_of(1))
+    gov.publish("tone", "1.1.0", patches_of(2), expires_at=T)
     gov.activate("tone", "1.0.0")
     gov.canary("tone", "1.1.0", 100)
     serving = Serving(gov, model, poll_interval=0)
@@ -176,15 +154,15 @@ def test_policy_refuses_publish_and_scopes_requests(gov, model):
                                    "max_edit_norm": 10.0, "max_edit_gain": 1.0})
     gen = gov.store.generation()
     with pytest.raises(PolicyViolation, match="site not allowed"):
-        gov.publish("tone", "1.0.0", _patches(1))  # touches layers.1
+        gov.publish("tone", "1.0.0", patches_of(1))  # touches layers.1
     with pytest.raises(PolicyViolation, match="edit norm 20 > max_edit_norm 10"):
-        gov.publish("tone", "1.0.0", {"p": {SITE0: fastpatch.Steer(_vec(1, norm=20.0))}})
+        gov.publish("tone", "1.0.0", {"p": {SITE0: fastpatch.Steer(vec(1, norm=20.0))}})
     low = fastpatch.LowRank(torch.randn(D, 2) * 3, torch.randn(2, D) * 3)
     with pytest.raises(PolicyViolation, match="edit gain"):
         gov.publish("tone", "1.0.0", {"p": {SITE0: low}})
     assert gov.store.generation() == gen and gov.versions("tone") == []  # nothing stored
     assert not list(gov.store.blobs.glob("*/*"))  # not even a blob
-    gov.publish("tone", "1.0.0", {"p": {SITE0: fastpatch.Ablate(_vec(3))}})  # gain exactly 1: allowed
+    gov.publish("tone", "1.0.0", {"p": {SITE0: fastpatch.Ablate(vec(3))}})  # gain exactly 1: allowed
     gov.activate("tone", "1.0.0")
     assert gov.resolve("tone", labels={"region": "eu", "product": "chat"}).version == "1.0.0"
     out = gov.resolve("tone", labels={"region": "us", "product": "chat"})
@@ -208,7 +186,7 @@ def test_policy_refuses_publish_and_scopes_requests(gov, model):
 
 
 def _nan_file(tmp_path):
-    good = patch_file.save({SITE0: fastpatch.Steer(_vec(1))}, tmp_path / "good.safetensors", name="p")
+    good = patch_file.save({SITE0: fastpatch.Steer(vec(1))}, tmp_path / "good.safetensors", name="p")
     manifest, tensors = patch_file.read_manifest(good)
     from safetensors.torch import save as st_save
 
@@ -224,21 +202,21 @@ def _nan_file(tmp_path):
 
 
 def test_hostile_input_gives_clear_errors_and_loses_nothing(gov, tmp_path):
-    gov.publish("tone", "1.0.0", _patches(1))
+    gov.publish("tone", "1.0.0", patches_of(1))
     gov.activate("tone", "1.0.0")
     before = (gov.store.snapshot(), gov.audit())
     good, nan = _nan_file(tmp_path)
     cases = [
-        (lambda: gov.publish("tone", "1.1", _patches(2)), ValueError, "semantic version"),
-        (lambda: gov.publish("tone", "v2.0.0", _patches(2)), ValueError, "semantic version"),
-        (lambda: gov.publish("tone", "1.0.0", _patches(2)), Exception, "already published"),
-        (lambda: gov.publish("../../etc", "2.0.0", _patches(2)), ValueError, "no '/' or '..'"),
-        (lambda: gov.publish("a/b", "2.0.0", _patches(2)), ValueError, "no '/' or '..'"),
-        (lambda: gov.publish("tone", "2.0.0", {"../x": _patches(2)["p"]}), ValueError, "patch name"),
+        (lambda: gov.publish("tone", "1.1", patches_of(2)), ValueError, "semantic version"),
+        (lambda: gov.publish("tone", "v2.0.0", patches_of(2)), ValueError, "semantic version"),
+        (lambda: gov.publish("tone", "1.0.0", patches_of(2)), Exception, "already published"),
+        (lambda: gov.publish("../../etc", "2.0.0", patches_of(2)), ValueError, "no '/' or '..'"),
+        (lambda: gov.publish("a/b", "2.0.0", patches_of(2)), ValueError, "no '/' or '..'"),
+        (lambda: gov.publish("tone", "2.0.0", {"../x": patches_of(2)["p"]}), ValueError, "patch name"),
         (lambda: gov.publish("tone", "2.0.0", {"p": nan}), fastpatch.PatchFileError, "NaN or infinite"),
         (lambda: gov.publish("tone", "2.0.0", {"p": str(tmp_path / "missing.safetensors")}), ValueError,
          "cannot read"),
-        (lambda: gov.publish("tone", "2.0.0", {"p": {"layers.0.resid_sideways": fastpatch.Steer(_vec(2))}}),
+        (lambda: gov.publish("tone", "2.0.0", {"p": {"layers.0.resid_sideways": fastpatch.Steer(vec(2))}}),
          ValueError, "not a site name"),
         (lambda: gov.resolve("tone", labels={"tenant": "../../x"}), ValueError, "label tenant"),
         (lambda: gov.resolve("tone", labels={"colour": "red"}), ValueError, "unknown label"),
@@ -255,43 +233,20 @@ def test_hostile_input_gives_clear_errors_and_loses_nothing(gov, tmp_path):
         with pytest.raises(exc, match=msg):
             fn()
     assert (gov.store.snapshot(), gov.audit()) == before  # nothing lost, nothing half-added
-    assert gov.load("tone", "1.0.0")["p"][SITE0].v.tolist() == _patches(1)["p"][SITE0].v.tolist()
+    assert gov.load("tone", "1.0.0")["p"][SITE0].v.tolist() == patches_of(1)["p"][SITE0].v.tolist()
     gov.publish("tone", "2.0.0", {"p": good})  # a good file after all that: accepted
 
 
 # -- serving ------------------------------------------------------------------------------------------
-def _oracle(model, patches):
-    """Greedy decode logits with plain forward hooks adding each site's vector (no fastpatch engine)."""
-    layers = model.model.layers
-    hooks = []
-    for site, p in patches.items():
-        layer = int(site.split(".")[1])
-        assert site.endswith("resid_post")
-        v = p.v.to(torch.float32) * p.scale
-        hooks.append(layers[layer].register_forward_hook(lambda m, a, o, v=v: o + v))
-    try:
-        return _logits(model)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def _logits(model):
-    with torch.no_grad():
-        out = model.generate(input_ids=PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=NEW,
-                             do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
-    return torch.stack(out.logits)
-
-
 def test_concurrent_requests_choose_per_request_and_never_mix_versions(gov, model):
     """Threads generate on 2 sets while another thread publishes, rolls out, promotes and rolls back; every
     step of every request equals the independent oracle of exactly the version it reports."""
     sets = {"tone": [1, 2, 3, 4], "style": [11, 12, 13, 14]}
-    expected = {(n, None): _logits(model) for n in sets}
+    expected = {(n, None): greedy_logits(model) for n in sets}
     for n, seeds in sets.items():
         for i, s in enumerate(seeds):
-            expected[(n, f"1.{i}.0")] = _oracle(model, _patches(s)["p"])
-        gov.publish(n, "1.0.0", _patches(seeds[0]))
+            expected[(n, f"1.{i}.0")] = hook_oracle(model, patches_of(s)["p"])
+        gov.publish(n, "1.0.0", patches_of(seeds[0]))
         gov.activate(n, "1.0.0")
     # Distinct versions are far apart (so a mixed step would show).
     labels = list(expected)
@@ -314,7 +269,7 @@ def test_concurrent_requests_choose_per_request_and_never_mix_versions(gov, mode
             while not stop.is_set() or k < 3:
                 name = ("tone", "style")[(c + k) % 2]
                 with serving.request(name, key=f"user-{c}-{k}") as s:
-                    got = _logits(model)
+                    got = greedy_logits(model)
                 results.append((name, s.version, got))
                 k += 1
                 with progress:
@@ -337,7 +292,7 @@ def test_concurrent_requests_choose_per_request_and_never_mix_versions(gov, mode
     settle()  # every client has served 1.0.0 of both sets
     for n, seeds in sets.items():
         for i in (1, 2, 3):
-            gov.publish(n, f"1.{i}.0", _patches(seeds[i]))
+            gov.publish(n, f"1.{i}.0", patches_of(seeds[i]))
         gov.canary(n, "1.1.0", 50)
         settle()
     for n in sets:
@@ -364,17 +319,17 @@ def test_replica_picks_up_changes_without_restart(tmp_path, model):
     root = tmp_path / "shared"
     admin = Governance(SQLiteStore(root), actor="admin")
     replica = Governance(SQLiteStore(root), actor="replica")  # another connection, as another process would
-    expected = _oracle(model, _patches(2)["p"])  # before the model is patched
-    admin.publish("tone", "1.0.0", _patches(1))
+    expected = hook_oracle(model, patches_of(2)["p"])  # before the model is patched
+    admin.publish("tone", "1.0.0", patches_of(1))
     admin.activate("tone", "1.0.0")
     serving = Serving(replica, model, poll_interval=0)
     with serving.request("tone", key="u") as s:
         pass
     assert s.version == "1.0.0"
-    admin.publish("tone", "1.1.0", _patches(2))
+    admin.publish("tone", "1.1.0", patches_of(2))
     admin.activate("tone", "1.1.0")
     with serving.request("tone", key="u") as s:
-        got = _logits(model)
+        got = greedy_logits(model)
     assert s.version == "1.1.0" and s.generation == admin.store.generation()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     serving.close()
@@ -382,12 +337,12 @@ def test_replica_picks_up_changes_without_restart(tmp_path, model):
 
 # -- telemetry, alerts, guard -------------------------------------------------------------------------
 def test_fire_counts_rows_and_prometheus(gov, model):
-    gov.publish("tone", "1.0.0", _patches(1))
+    gov.publish("tone", "1.0.0", patches_of(1))
     gov.activate("tone", "1.0.0")
     serving = Serving(gov, model, poll_interval=0)
     for k in range(3):
         with serving.request("tone", key=f"u{k}") as s:
-            _logits(model)
+            greedy_logits(model)
             s.add_rows(PROMPT.shape[1] + NEW - 1)  # prompt rows + decode steps (the last token is never run)
     serving.flush()
     tel = {(r["version"], r["arm"], r["metric"]): r for r in gov.store.telemetry()}
@@ -408,8 +363,8 @@ def test_fire_counts_rows_and_prometheus(gov, model):
 
 
 def test_metric_alert_and_guard_pause_are_audited(gov, model):
-    gov.publish("tone", "1.0.0", _patches(1))
-    gov.publish("tone", "1.1.0", _patches(2))
+    gov.publish("tone", "1.0.0", patches_of(1))
+    gov.publish("tone", "1.1.0", patches_of(2))
     gov.activate("tone", "1.0.0")
     gov.canary("tone", "1.1.0", 50)
     gov.set_guard("tone", "pause", bands={"quality": [0.8, 1.0]})
@@ -459,7 +414,7 @@ def test_learnt_band_from_first_window_and_fire_rate():
 def test_fire_rate_leaving_its_band_alerts(gov, model):
     """The kernel-counted fire rate (fires / (rows x sites)) is checked at each flush: an ungated patch fires on
     every row (rate 1), outside a band of [0, 0.5] given for a patch expected to fire on at most half."""
-    gov.publish("tone", "1.0.0", _patches(1))
+    gov.publish("tone", "1.0.0", patches_of(1))
     gov.activate("tone", "1.0.0")
     gov.set_guard("tone", None, bands={"fire_rate": [0.0, 0.5]})
     gov.detector.window = 2
@@ -467,7 +422,7 @@ def test_fire_rate_leaving_its_band_alerts(gov, model):
     alerts = []
     for _ in range(2):
         with serving.request("tone", key="u") as s:
-            _logits(model)
+            greedy_logits(model)
             s.add_rows(PROMPT.shape[1] + NEW - 1)
         alerts += serving.flush()
     serving.close()

@@ -10,24 +10,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
-import fastpatch
 from fastpatch.app.admin_server import AdminServer, load_tokens
 from fastpatch.app.cli import main as cli
 from fastpatch.lifecycle.governance import Governance
 from fastpatch.lifecycle.serving import Serving
 from fastpatch.lifecycle.store import SQLiteStore
 
+from governance_util import steer_file
 from models import tiny_model
 
 ADMIN, READ = "admin-secret-0123456789", "read-secret-0123456789"
-SITE = "layers.0.resid_post"
-
-
-def _file(tmp_path, seed, name="p"):
-    v = torch.randn(64, generator=torch.Generator().manual_seed(seed))
-    return fastpatch.save({SITE: fastpatch.Steer(v)}, tmp_path / f"{name}-{seed}.safetensors", name=name)
 
 
 def _call(base, path, token=None, body=None, raw=None):
@@ -60,7 +53,7 @@ def server(tmp_path):
 
 def test_tokens_roles_and_audited_actor(server, tmp_path):
     base, gov = server
-    b64 = base64.b64encode(_file(tmp_path, 1).read_bytes()).decode()
+    b64 = base64.b64encode(steer_file(tmp_path, 1).read_bytes()).decode()
     publish = {"version": "1.0.0", "patches": {"p": b64}}
     assert _call(base, "/v1/sets")[0] == 401  # no token
     assert _call(base, "/v1/sets", token="wrong-token-0123456789")[0] == 401
@@ -90,7 +83,7 @@ def test_tokens_roles_and_audited_actor(server, tmp_path):
 
 def test_hostile_requests_get_clear_errors(server, tmp_path):
     base, gov = server
-    good = base64.b64encode(_file(tmp_path, 1).read_bytes()).decode()
+    good = base64.b64encode(steer_file(tmp_path, 1).read_bytes()).decode()
     _call(base, "/v1/sets/tone/versions", ADMIN, {"version": "1.0.0", "patches": {"p": good}})
     before = gov.store.snapshot()
     cases = [
@@ -117,7 +110,7 @@ def test_hostile_requests_get_clear_errors(server, tmp_path):
 
 def test_cli_end_to_end(tmp_path, capsys):
     store = str(tmp_path / "store")
-    f1, f2 = _file(tmp_path, 1), _file(tmp_path, 2)
+    f1, f2 = steer_file(tmp_path, 1), steer_file(tmp_path, 2)
 
     def run(*args):
         code = cli(["registry", "--store", store, "--actor", "carol", *args])

@@ -12,9 +12,8 @@ from fastpatch.lifecycle.governance import Governance
 from fastpatch.lifecycle.serving import Serving
 from fastpatch.lifecycle.stores import open_store
 
+from governance_util import greedy_logits, hook_oracle, patches_of, steer_file
 from models import tiny_model
-from test_governance import _logits, _oracle, _patches
-from test_governance_api import _file
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +32,18 @@ def _tables(url):
 def test_governance_flow_on_postgres(pg_url, model):
     admin = Governance(open_store(pg_url), actor="alice")
     replica = Governance(open_store(pg_url), actor="replica")  # another pool of connections, as another machine
-    expected = {v: _oracle(model, _patches(s)["p"]) for v, s in (("1.0.0", 1), ("1.1.0", 2), ("1.2.0", 3))}
+    expected = {v: hook_oracle(model, patches_of(s)["p"]) for v, s in (("1.0.0", 1), ("1.1.0", 2), ("1.2.0", 3))}
     serving = Serving(replica, model, poll_interval=0)
 
     def served(key):
         with serving.request("tone", key=key) as s:
-            got = _logits(model)
+            got = greedy_logits(model)
         torch.testing.assert_close(got, expected[s.version], rtol=1e-4, atol=1e-4)  # exactly its own version
         return s
 
-    admin.publish("tone", "1.0.0", _patches(1))
+    admin.publish("tone", "1.0.0", patches_of(1))
     admin.activate("tone", "1.0.0")
-    admin.publish("tone", "1.1.0", _patches(2))
+    admin.publish("tone", "1.1.0", patches_of(2))
     admin.canary("tone", "1.1.0", 50)
     keys = [f"user-{i}" for i in range(40)]
     arms = {k: admin.resolve("tone", key=k) for k in keys}
@@ -54,7 +53,7 @@ def test_governance_flow_on_postgres(pg_url, model):
 
     admin.promote("tone")
     assert {served(k).version for k in (canary_key, control_key)} == {"1.1.0"}
-    admin.publish("tone", "1.2.0", _patches(3))
+    admin.publish("tone", "1.2.0", patches_of(3))
     admin.canary("tone", "1.2.0", 100)
     assert served(control_key).version == "1.2.0"
     admin.abort("tone", reason="effect out of band")
@@ -87,16 +86,16 @@ def test_cli_on_postgres(pg_url, tmp_path, capsys):
     code, out = run("list")
     assert code == 2 and "holds no fastpatch registry" in out and "check the URL" in out, out
     assert _tables(pg_url) == []
-    code, out = run("publish", "tone", "1.0.0", "--patch", f"p={_file(tmp_path, 1)}")
+    code, out = run("publish", "tone", "1.0.0", "--patch", f"p={steer_file(tmp_path, 1)}")
     assert code == 0 and "published tone@1.0.0" in out, out
     assert "fastpatch_blobs" in _tables(pg_url)
-    assert run("publish", "tone", "1.1.0", "--patch", f"p={_file(tmp_path, 2)}")[0] == 0
+    assert run("publish", "tone", "1.1.0", "--patch", f"p={steer_file(tmp_path, 2)}")[0] == 0
     assert run("activate", "tone", "1.0.0") == (0, "stable=1.0.0 arms=[]\n")
     assert run("rollout", "tone", "1.1.0", "--percent", "10")[1] == "stable=1.0.0 arms=[canary=1.1.0:10%]\n"
     assert run("promote", "tone")[1].startswith("stable=1.1.0 arms=[]")
     code, out = run("list")
     assert code == 0 and "tone" in out and "1.1.0" in out, out
-    code, out = run("publish", "tone", "1.0.0", "--patch", f"p={_file(tmp_path, 3)}")
+    code, out = run("publish", "tone", "1.0.0", "--patch", f"p={steer_file(tmp_path, 3)}")
     assert code == 2 and "already published" in out and "\n" == out[-1] and out.count("\n") == 1, out
     code, out = run("--json", "audit")
     assert code == 0 and [e["action"] for e in __import__("json").loads(out)] == [
