@@ -8,7 +8,7 @@
 - ``lint``: ruff with the rules in pyproject.toml.
 
 Each session gets fresh fastpatch and C++-extension caches, so a missing install or build step shows here
-the way it would on a new machine. ``nox -s newest -- tests/test_training.py`` passes arguments to pytest.
+the way it would on a new machine. ``nox -s newest -- tests/kernels/test_training.py`` passes arguments to pytest.
 ``readme`` and ``newest`` test committed work only (each clones HEAD).
 """
 from __future__ import annotations

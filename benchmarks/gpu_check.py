@@ -477,7 +477,8 @@ def part_build(device, limit, log) -> dict:
     return _subprocess([sys.executable, "-m", "fastpatch", "build", "--cuda"], limit, log)
 
 
-GPU_TEST_FILES = ("tests/test_gpu_choice.py", "tests/test_gpu_model.py", "tests/test_gpu_kernels.py")
+GPU_TEST_FILES = ("tests/kernels/test_gpu_choice.py", "tests/integrations/hf/test_gpu_model.py",
+                  "tests/kernels/test_gpu_kernels.py")
 
 
 def part_tests(device, limit, log) -> dict:

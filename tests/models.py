@@ -17,9 +17,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2",
-         # pre-LN families of issue #18: one case each in tests/test_arch_oracle.py, the grid slow
+         # pre-LN families of issue #18: one case each in tests/integrations/hf/test_arch_oracle.py, the grid slow
          "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "granite", "stablelm", "starcoder2", "olmo",
-         # new block styles of issue #18: one case each in tests/test_arch_parallel.py, the grid slow
+         # new block styles of issue #18: one case each in tests/integrations/hf/test_arch_parallel.py, the grid slow
          "olmo2", "gpt_neox", "gpt_neox_seq", "cohere", "gptj", "falcon", "falcon_7b", "phi")
 FAST_ARCHS = ("llama", "gemma", "gemma2", "gpt2")  # one per fused family; the rest are marked slow
 PARALLEL_ARCHS = ("gpt_neox", "cohere", "gptj", "falcon", "falcon_7b", "phi")  # no resid_mid site

@@ -1,5 +1,5 @@
 // A tiny host emulation of the CUDA features kernels.cuh uses, so the *same kernel source* runs on
-// a CPU in tests (csrc/cuda/emulator.cpp, tests/test_cuda_compile.py). Not a performance tool.
+// a CPU in tests (csrc/cuda/emulator.cpp, tests/kernels/test_cuda_compile.py). Not a performance tool.
 //
 // Each CUDA thread of a block is a ucontext fiber; blocks run one after another, so block-wide
 // `static` variables stand in for shared memory. Barriers (__syncthreads, __syncwarp and the two

@@ -1,5 +1,5 @@
 // The CUDA kernels of kernels.cuh built for the host and run under emulation.h, as a C shared
-// library for tests (tests/test_cuda_compile.py loads it with ctypes and fills the params struct
+// library for tests (tests/kernels/test_cuda_compile.py loads it with ctypes and fills the params struct
 // from CPU tensors). Same plan (launch_plan.h), same instantiation (select_kernel), same source.
 #define FASTPATCH_CUDA_EMULATE 1
 #include "kernels.cuh"

@@ -1,4 +1,4 @@
-// Host-only checks of what the CUDA kernels depend on, built with g++ by tests/test_cuda_compile.py
+// Host-only checks of what the CUDA kernels depend on, built with g++ by tests/kernels/test_cuda_compile.py
 // (no GPU, no CUDA headers): the launch plan (layout, vector width, block size, shared memory)
 // and the shared patch maths (csrc/patch_math.h) the kernels call for gates and norm statistics.
 #include <cmath>

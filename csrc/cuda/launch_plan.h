@@ -1,5 +1,5 @@
 // Host-side launch shape for the fused add + patch + norm kernels: which layout, vector width,
-// block size and dynamic shared memory. Plain C++ so tests/test_cuda_compile.py can check it with
+// block size and dynamic shared memory. Plain C++ so tests/kernels/test_cuda_compile.py can check it with
 // g++ on a machine without a GPU (csrc/cuda/host_plan_test.cpp).
 #pragma once
 

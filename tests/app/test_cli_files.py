@@ -136,7 +136,7 @@ def test_help_has_an_example(command, capsys):
 
 
 def test_inspect_as_subprocess(mixed_file):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "fastpatch", "inspect", str(mixed_file)], capture_output=True,
                           text=True, env=env, cwd=root, timeout=300)

@@ -19,7 +19,7 @@ if not cpp.is_available("cpu"):
 def no_interpreter(monkeypatch):
     """Doctor as a CPU user runs it: without TRITON_INTERPRET (conftest sets it for the triton tests),
     so the triton backend is skipped on CPU instead of self-tested in the slow interpreter
-    (tests/test_selftest.py covers that one). The Triton kernels are imported first, while the
+    (tests/kernels/test_selftest.py covers that one). The Triton kernels are imported first, while the
     interpreter is on: `@triton.jit` reads TRITON_INTERPRET when it runs, and kernels first decorated
     without it would fail to launch in every later test of this process."""
     import fastpatch.kernels.backends.triton_backend  # noqa: F401

@@ -156,7 +156,7 @@ def test_load_tokens_file(tmp_path):
 
 
 def _load_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "load_registry.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "load_registry.py"
     spec = importlib.util.spec_from_file_location("load_registry", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

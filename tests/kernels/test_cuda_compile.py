@@ -20,7 +20,7 @@ from fastpatch.kernels.ops import check_inputs
 
 from casegen import DTYPES, assert_matches_reference, make_case, poisoned_like
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 NVCC = shutil.which("nvcc")
 GXX = shutil.which("g++")

@@ -608,7 +608,7 @@ def test_docs_training_example_runs(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "surgery.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "surgery.md").read_text()
     section = text[text.index("## Training through a patched model"):]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks

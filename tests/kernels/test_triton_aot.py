@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from fastpatch.kernels.triton_ops import dispatch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "triton_aot_report.py"
 
 

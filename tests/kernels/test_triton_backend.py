@@ -176,7 +176,7 @@ def test_out_of_range_index_means_no_patch(device, index_dtype, monkeypatch):
 def test_tile_dot_path(device, dtype, rank, index_mode, norm, D, monkeypatch):
     """Prefill rows with rank >= 8: tl.dot tiles (rank padded to 16/32/64); D 96 keeps the row block
     on chip (one chunk: x, residual read once); D 200 with the one-chunk limit lowered takes three
-    passes over chunks (the interpreter is slow on wide rows; tests/test_gpu_kernels.py runs real ones)."""
+    passes over chunks (the interpreter is slow on wide rows; tests/kernels/test_gpu_kernels.py runs real ones)."""
     if D == 200:
         monkeypatch.setattr(dispatch, "ONE_CHUNK_MAX_D", 64)
     N = 70
@@ -376,7 +376,7 @@ def test_gpu_check_dry_run(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
@@ -415,7 +415,7 @@ def test_gpu_check_catches_a_wrong_output(monkeypatch):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)

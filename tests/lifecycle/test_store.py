@@ -23,7 +23,7 @@ import pytest
 from fastpatch.lifecycle.store import Conflict, StoreError, StoreNotFound
 from fastpatch.lifecycle.stores import open_store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # A writer: publishes versions (each with two fresh random blobs), makes each the stable one, adds
 # telemetry; prints "ACK <kind> <version> <digests>" only after the call returned.

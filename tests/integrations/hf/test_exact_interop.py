@@ -56,7 +56,7 @@ def in_a_child(request) -> bool:
         import tempfile
         import xml.etree.ElementTree as ET
 
-        root = Path(__file__).resolve().parents[1]
+        root = Path(__file__).resolve().parents[3]
         with tempfile.TemporaryDirectory() as tmp:
             xml = Path(tmp) / "child.xml"
             proc = subprocess.run(

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fastpatch
-from test_vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
-from test_vllm_common import MAX_TOKENS, TOL, engine, hf_greedy, vllm_or_skip, write_files
+from vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
+from vllm_common import MAX_TOKENS, TOL, engine, hf_greedy, vllm_or_skip, write_files
 
 ARCHS = [pytest.param("qwen3"), pytest.param("mistral", marks=pytest.mark.slow),
          pytest.param("qwen2", marks=pytest.mark.slow), pytest.param("gemma", marks=pytest.mark.slow)]
@@ -50,7 +50,7 @@ def test_architecture(arch, tmp_path):
                                                         torch.randn(2, d, generator=g)),
                 "layers.2.resid_post": fastpatch.Ablate(torch.randn(d, generator=g))}})
     llm = engine(str(folder), {"patches": files}, skip_tokenizer_init=True, max_num_seqs=4)
-    from test_vllm_common import sampling
+    from vllm_common import sampling
 
     ids = [5, 17, 42, 99, 7, 3]
     outs = llm.generate([TokensPrompt(prompt_token_ids=ids)] * 2, [sampling("mix"), sampling()], use_tqdm=False)

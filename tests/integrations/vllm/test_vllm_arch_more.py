@@ -21,8 +21,8 @@ import torch
 
 import fastpatch
 from fastpatch.core.errors import UnsupportedModelError
-from test_vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
-from test_vllm_common import (MAX_TOKENS, TOL, engine, hf_greedy, sampling, tokens_and_logprobs, vllm_or_skip,
+from vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
+from vllm_common import (MAX_TOKENS, TOL, engine, hf_greedy, sampling, tokens_and_logprobs, vllm_or_skip,
                               write_files)
 
 # One case per architecture in the default run: 9 cases 57 s in all on the loaded 2-core CPU box (2026-12-03,

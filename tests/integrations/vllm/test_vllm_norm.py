@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastpatch
-from test_vllm_common import vllm_or_skip
+from vllm_common import vllm_or_skip
 
 
 def _norm(cls_name: str, d: int):

