@@ -268,6 +268,44 @@ class AdminServer:
         return resp
 
 
+def handle(app: AdminServer, method: str, path: str, query: dict, authorization: Optional[str],
+           read_body) -> tuple:
+    """One admin request → (status, payload, headers): the token's role, the route, and every error mapped to
+    its status. Shared by this server and the vLLM bridge's routes (fastpatch.app.vllm_governed), so both
+    have the same tokens, roles, audit and errors. ``read_body()`` returns the raw body (read after the token
+    is checked; it may raise HTTPError)."""
+    try:
+        who = app.who(authorization)
+        if method == "GET":
+            result = app.get(path, query, who)
+        else:
+            raw = read_body()
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                raise HTTPError(400, "body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise HTTPError(400, "body must be a JSON object")
+            result = app.post(path, body, who)
+        headers = {}
+        if isinstance(result, dict) and "served" in result:
+            s = result["served"]
+            headers["X-Fastpatch-Version"] = f"{s['patch_set']}@{s['version'] or 'none'} ({s['arm']})"
+        return 200, result, headers
+    except HTTPError as exc:
+        return exc.status, {"error": str(exc)}, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    except Conflict as exc:
+        return 409, {"error": str(exc)}, None
+    except Unavailable as exc:
+        return 503, {"error": str(exc)}, None
+    except KeyError as exc:
+        return 404, {"error": exc.args[0] if exc.args else str(exc)}, None
+    except (ValueError, TypeError, PatchFileError, PolicyViolation) as exc:
+        return 400, {"error": str(exc)}, None
+    except Exception as exc:  # a server bug: report it, keep serving
+        return 500, {"error": f"{type(exc).__name__}: {exc}"}, None
+
+
 def _str(body: dict, key: str) -> str:
     v = body.get(key)
     if not isinstance(v, str) or not v:
@@ -303,38 +341,14 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" or self.headers.get("Content-Length") not in (None, "0") \
                 or self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # until the whole body is read: unread bytes must not become a request
-        try:
-            who = self.app.who(self.headers.get("Authorization"))
-            if method == "GET":
-                result = self.app.get(url.path, parse_qs(url.query), who)
-            else:
-                raw = self._body()
-                self.close_connection = close_after
-                try:
-                    body = json.loads(raw or b"{}")
-                except ValueError:
-                    raise HTTPError(400, "body is not valid JSON") from None
-                if not isinstance(body, dict):
-                    raise HTTPError(400, "body must be a JSON object")
-                result = self.app.post(url.path, body, who)
-            headers = {}
-            if isinstance(result, dict) and "served" in result:
-                s = result["served"]
-                headers["X-Fastpatch-Version"] = f"{s['patch_set']}@{s['version'] or 'none'} ({s['arm']})"
-            self._send(200, result, headers)
-        except HTTPError as exc:
-            self._send(exc.status, {"error": str(exc)},
-                       {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
-        except Conflict as exc:
-            self._send(409, {"error": str(exc)})
-        except Unavailable as exc:
-            self._send(503, {"error": str(exc)})
-        except KeyError as exc:
-            self._send(404, {"error": exc.args[0] if exc.args else str(exc)})
-        except (ValueError, TypeError, PatchFileError, PolicyViolation) as exc:
-            self._send(400, {"error": str(exc)})
-        except Exception as exc:  # a server bug: report it, keep serving
-            self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+        def read_body() -> bytes:
+            raw = self._body()
+            self.close_connection = close_after
+            return raw
+
+        self._send(*handle(self.app, method, url.path, parse_qs(url.query), self.headers.get("Authorization"),
+                           read_body))
 
     def _body(self) -> bytes:
         """The whole declared body, or an HTTPError: nothing is executed on a partial body."""
