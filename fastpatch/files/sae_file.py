@@ -237,6 +237,57 @@ class SAE:
         v = torch.tensor(a, dtype=torch.float64) @ self._decoder()[idx].to(torch.float64)
         return Steer(v)
 
+    def edit(self, *, clamp: Optional[dict] = None, ablate: Optional[Iterable] = None,
+             scale: Optional[dict] = None, steer: Optional[dict] = None):
+        """Several feature edits read from one encoding of h, summed (each feature edited once):
+
+        h' = h + Σ_clamp (v_i − f_i(h))·d_i − Σ_ablate f_i(h)·d_i + Σ_scale (k_i − 1)·f_i(h)·d_i + Σ_steer α_i·d_i
+
+        One :class:`fastpatch.Encoded` of rank |clamp| + |ablate| + |scale| (a :class:`fastpatch.Steer`
+        when only ``steer`` is given). This is what a vLLM request's ``{"sae": ..., "clamp": ...}`` applies."""
+        kinds = {"clamp": clamp, "ablate": ablate, "scale": scale, "steer": steer}
+        given = {k: v for k, v in kinds.items() if v is not None}
+        if not given:
+            raise SAEError("edit: no edit given (clamp, ablate, scale or steer)")
+        parts, seen = [], {}
+        values = dict(clamp or {})
+        if ablate is not None:
+            feats = ablate.reshape(-1).tolist() if isinstance(ablate, torch.Tensor) else (
+                [ablate] if isinstance(ablate, int) and not isinstance(ablate, bool) else list(ablate))
+            if not feats:
+                raise SAEError("ablate: no features given")
+            for i in feats:
+                values[self._index(i, "ablate")] = 0.0
+        for kind, feats in (("clamp", clamp or {}), ("ablate", [] if ablate is None else feats),
+                            ("scale", scale or {}), ("steer", steer or {})):
+            for i in feats:
+                j = self._index(i, kind)
+                if j in seen:
+                    raise SAEError(f"edit: feature {j} is named twice ({seen[j]} and {kind}); edit each feature once")
+                seen[j] = kind
+        if values:
+            parts.append(self.clamp(values).canonical())
+        if scale is not None:
+            parts.append(self.scale(scale).canonical())
+        shift = None
+        if steer is not None:
+            shift = self.steer(steer).canonical().shift
+        if not parts:
+            return Steer(shift)
+        f = torch.float64
+        d = self.d_in
+        down = torch.cat([c.down for c in parts])
+        acts = tuple(a for c in parts for a in c.activations)
+        thr = None
+        if "jumprelu" in acts:
+            thr = torch.cat([c.threshold if c.threshold is not None else torch.zeros(c.rank, dtype=f) for c in parts])
+        total = sum((c.shift for c in parts), torch.zeros(d, dtype=f))
+        if shift is not None:
+            total = total + shift
+        return Encoded(down, torch.cat([c.bias for c in parts]), torch.cat([c.up for c in parts]),
+                       shift=total if bool((total != 0).any()) else None,
+                       activation=acts[0] if len(set(acts)) == 1 else acts, threshold=thr)
+
     # -- against a model ----------------------------------------------------------------------------
 
     def check_dims(self, num_layers: int, hidden_size: int) -> None:

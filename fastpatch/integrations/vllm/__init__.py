@@ -17,6 +17,9 @@ pass-throughs unless the engine's ``additional_config`` has a ``fastpatch`` sect
   checked against the model, banks are built and the sites' norms get a patched forward, all before
   vLLM traces the model; every site is checked and one patched norm is self-tested against the float64
   reference (the start fails otherwise); every step then fills the per-token slot index.
+- ``Scheduler.schedule``, ``_handle_blocked_waiting_request`` and ``_free_request`` (engine core; only for
+  an engine that declares ``saes``): per-request SAE feature configs take bank rows, shared by identical
+  configs; a config that finds no free row waits for a later step (see ``sae``).
 - the worker's ``load_model``: a last net that refuses the start if the runner loaded the model without
   fastpatch attaching.
 
@@ -45,6 +48,8 @@ _RUNNERS = {"cpu": ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
 _CONFIG = ("vllm.config", "VllmConfig")
 _INPUT_PROCESSOR = ("vllm.v1.engine.input_processor", "InputProcessor")
 _WORKER = ("vllm.v1.worker.gpu_worker", "Worker")  # the CPU worker subclasses it
+_SCHEDULER = ("vllm.v1.core.sched.scheduler", "Scheduler")  # AsyncScheduler subclasses it
+_SCHEDULER_METHODS = ("schedule", "_handle_blocked_waiting_request", "_free_request")
 _PROBLEMS: dict = {}  # "module.Class.method" -> why it could not be wrapped (in this process)
 
 
@@ -63,6 +68,10 @@ def register() -> None:
 
     _hook(_INPUT_PROCESSOR, "process_inputs", wrap_process_inputs)
     _hook(_WORKER, "load_model", _wrap_worker_load_model)
+    from . import sae
+
+    for method, wrap in zip(_SCHEDULER_METHODS, (sae.wrap_schedule, sae.wrap_handle_blocked, sae.wrap_free_request)):
+        _hook(_SCHEDULER, method, wrap)
     for module, cls_name in _RUNNERS.values():
         _hook((module, cls_name), "load_model", _wrap_runner_load_model)
 
@@ -178,6 +187,7 @@ def check_start(vllm_config) -> None:
     problem = runner_problem(vllm_config)
     if problem is not None:
         raise refuse(problem)
+    _check_saes(vllm_config)
 
 
 def _refuse_without_front_end() -> None:
@@ -252,3 +262,35 @@ def unload_patch(llm, name: str) -> int:
         raise RuntimeError("fastpatch is not active in this engine")
     front.unloaded(name)
     return llm.collective_rpc("fastpatch_unload", args=(name,))[0]
+
+
+def _check_saes(vllm_config) -> None:
+    """An engine declaring ``saes``: the scheduler that admits SAE configs to rows must be fastpatch's (else a
+    config could run without a row), and every SAE must fit the model (site, d_in); refused at start."""
+    from . import config as cfg
+    from . import sae
+    from .compat import FastpatchStartError, refuse
+
+    conf = cfg.parse(vllm_config.additional_config[cfg.KEY])
+    if not conf.saes:
+        return
+    missing = [n for n in _PROBLEMS if n.startswith(f"{_SCHEDULER[0]}.{_SCHEDULER[1]}.")]
+    if missing:
+        raise refuse("per-request SAE configs need vLLM's scheduler hooks (" +
+                     "; ".join(f"{n}: {_PROBLEMS[n]}" for n in missing) + ")")
+    try:
+        cls = vllm_config.scheduler_config.get_scheduler_cls()
+    except Exception as exc:  # noqa: BLE001
+        raise refuse(f"the scheduler class cannot be read ({type(exc).__name__}: {exc})") from None
+    plain = [m for m in _SCHEDULER_METHODS if not getattr(getattr(cls, m, None), "_fastpatch_wrapped", False)]
+    if plain:
+        raise refuse(f"the scheduler {cls.__module__}.{cls.__qualname__} does not run fastpatch's SAE row admission "
+                     f"({', '.join(plain)} not fastpatch's); use vLLM's Scheduler / AsyncScheduler (no scheduler_cls)")
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is None:  # the workers check against the loaded model
+        return
+    hf = getattr(model_config, "hf_text_config", None) or model_config.hf_config
+    try:
+        sae.check_model(sae.load_all(conf), int(hf.num_hidden_layers), int(hf.hidden_size))
+    except ValueError as exc:
+        raise FastpatchStartError(f"{exc}. The engine does not start: fix the 'saes' option.") from None

@@ -11,7 +11,10 @@ from typing import Optional
 
 KEY = "fastpatch"  # the key in additional_config and in SamplingParams.extra_args
 NORM_MODES = ("exact", "fused")
-_OPTIONS = {"patches", "spare_slots", "max_rank", "sites", "norm", "backend", "force"}
+_OPTIONS = {"patches", "spare_slots", "max_rank", "sites", "norm", "backend", "force", "saes", "sae_slots",
+            "max_sae_features"}
+SAE_SLOTS = 16  # default rows for per-request SAE feature configs
+MAX_SAE_FEATURES = 64  # default bound on the features one request edits
 
 
 class FastpatchConfigError(ValueError):
@@ -32,6 +35,10 @@ class PluginConfig:
       a patch are bit-identical to vanilla vLLM; "fused": fastpatch's kernel also does the norm (one pass).
     - ``backend``: fastpatch kernel backend (None: fastest for the device).
     - ``force``: load patch files fitted on a different model anyway.
+    - ``saes``: name -> SAE (an SAELens folder, or ``{"path": ..., "site": "layers.N.resid_post"}``, e.g.
+      for a Gemma Scope params.npz): requests edit their features inline (``{"sae": name, "clamp": ...}``).
+    - ``sae_slots``: bank rows for distinct feature configs running at once (more wait to be scheduled).
+    - ``max_sae_features``: the most features one request may edit (the rank of every bank row).
     """
 
     patches: dict = field(default_factory=dict)
@@ -41,10 +48,18 @@ class PluginConfig:
     norm: str = "exact"
     backend: Optional[str] = None
     force: bool = False
+    saes: dict = field(default_factory=dict)  # name -> (path, site or None)
+    sae_slots: int = 0
+    max_sae_features: int = 0
+
+    @property
+    def named_capacity(self) -> int:
+        """Slots for named patches (declared + spare); the SAE rows follow them."""
+        return len(self.patches) + self.spare_slots
 
     @property
     def capacity(self) -> int:
-        return len(self.patches) + self.spare_slots
+        return self.named_capacity + self.sae_slots
 
 
 def section(additional_config) -> Optional[dict]:
@@ -83,15 +98,51 @@ def parse(raw) -> PluginConfig:
     norm = raw.get("norm", "exact")
     if norm not in NORM_MODES:
         raise FastpatchConfigError(f"fastpatch norm must be one of {NORM_MODES}, got {norm!r}")
-    if not clean and not spare:
-        raise FastpatchConfigError("additional_config['fastpatch'] declares no patches and no spare_slots: "
-                                   "nothing could ever be applied")
+    saes = _parse_saes(raw.get("saes", {}))
+    sae_slots = _count(raw, "sae_slots", SAE_SLOTS if saes else 0, 1 if saes else 0)
+    max_feats = _count(raw, "max_sae_features", MAX_SAE_FEATURES if saes else 0, 1 if saes else 0)
+    if not saes and (raw.get("sae_slots") or raw.get("max_sae_features")):
+        raise FastpatchConfigError("fastpatch sae_slots / max_sae_features are set but no 'saes' are declared")
+    if not clean and not spare and not saes:
+        raise FastpatchConfigError("additional_config['fastpatch'] declares no patches and no spare_slots (and no "
+                                   "saes): nothing could ever be applied")
     backend = raw.get("backend")
     force = raw.get("force", False)
     if not isinstance(force, bool):
         raise FastpatchConfigError(f"fastpatch force must be true or false, got {force!r}")
     return PluginConfig(clean, spare, max_rank, None if sites is None else (
-        "all" if sites == "all" else tuple(sites)), norm, backend, force)
+        "all" if sites == "all" else tuple(sites)), norm, backend, force, saes, sae_slots, max_feats)
+
+
+def _count(raw: dict, key: str, default: int, least: int) -> int:
+    v = raw.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < least or v > 4096:
+        raise FastpatchConfigError(f"fastpatch {key} must be an integer in [{least}, 4096], got {v!r}")
+    return v
+
+
+def _parse_saes(saes) -> dict:
+    """{name: (path, site or None)} of the 'saes' option."""
+    if not isinstance(saes, dict):
+        raise FastpatchConfigError("additional_config['fastpatch']['saes'] must be a dict of name -> SAE folder "
+                                   "(or {'path': ..., 'site': 'layers.N.resid_post'})")
+    out = {}
+    for name, spec in saes.items():
+        check_name(name)
+        site = None
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - {"path", "site"})
+            if unknown or "path" not in spec:
+                raise FastpatchConfigError(f"fastpatch sae {name!r}: a dict spec has 'path' and optionally 'site', "
+                                           f"got keys {sorted(spec)}")
+            site = spec.get("site")
+            if site is not None and not isinstance(site, str):
+                raise FastpatchConfigError(f"fastpatch sae {name!r}: site must be a site name, got {site!r}")
+            spec = spec["path"]
+        if not isinstance(spec, (str, Path)):
+            raise FastpatchConfigError(f"fastpatch sae {name!r}: the SAE must be a path string, got {spec!r}")
+        out[name] = (str(Path(spec).expanduser()), site)
+    return out
 
 
 def check_name(name) -> str:

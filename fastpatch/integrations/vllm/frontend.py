@@ -11,6 +11,7 @@ import threading
 from typing import Optional
 
 from . import config as cfg
+from . import sae as sae_req
 from .slots import file_digest
 
 
@@ -21,6 +22,7 @@ class FrontEnd:
         self.conf = conf
         self.lock = threading.Lock()
         self.salts = {name: _salt(name, file_digest(path)) for name, path in conf.patches.items()}
+        self.saes = sae_req.load_all(conf) if conf.saes else {}  # name -> (SAE, digest of its files)
 
     def check(self, params) -> Optional[str]:
         """The patch name a request asks for (None: none); VLLMValidationError for a bad one."""
@@ -78,12 +80,47 @@ def wrap_process_inputs(vanilla):
                     f"fastpatch: the request names patch {extra[cfg.KEY]!r}, but this engine was started without "
                     "additional_config['fastpatch']", parameter=cfg.KEY, value=extra[cfg.KEY])
             return vanilla(self, request_id, prompt, params, *args, **kwargs)
+        params, sae_salt = _sae_params(front, params)  # an SAE feature config: checked, made canonical
         salt = front.check(params)
         request = vanilla(self, request_id, prompt, params, *args, **kwargs)
         if salt is not None:
             request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
+        if sae_salt is not None:
+            request.cache_salt = sae_salt if not request.cache_salt else f"{request.cache_salt}|{sae_salt}"
         return request
 
     process_inputs._fastpatch_wrapped = True
     process_inputs.__wrapped__ = vanilla
     return process_inputs
+
+
+def _sae_params(front: FrontEnd, params):
+    """(params, salt) for a request whose section is an SAE feature config (``{"sae": ..., "clamp": ...}``):
+    checked against the declared SAEs (VLLMValidationError naming the field, nothing runs) and made canonical.
+    The params the engine sees are a copy (the caller's may be shared by several prompts) that carries the
+    canonical config under ``sae.CONFIG_KEY`` and no fastpatch key. Any other request: (params, None)."""
+    extra = getattr(params, "extra_args", None)
+    if not extra:
+        return params, None
+    from vllm.exceptions import VLLMValidationError
+
+    reserved = [k for k in (sae_req.CONFIG_KEY, sae_req.ROW_KEY) if k in extra]
+    if reserved:
+        raise VLLMValidationError(f"fastpatch: extra_args {reserved} are written by fastpatch, not by a request; "
+                                  "edit SAE features with extra_args={'fastpatch': {'sae': ..., 'clamp': ...}}",
+                                  parameter=reserved[0], value=extra[reserved[0]])
+    value = extra.get(cfg.KEY)
+    if not sae_req.is_sae_request(value):
+        return params, None
+    if not front.saes:
+        raise VLLMValidationError("fastpatch: the request edits SAE features, but this server declares no saes "
+                                  "(additional_config['fastpatch']['saes'])", parameter=cfg.KEY, value=value)
+    try:
+        canonical = sae_req.normalize(value, front.saes, front.conf.max_sae_features)
+    except sae_req.SAERequestError as exc:
+        raise VLLMValidationError(str(exc), parameter=cfg.KEY, value=value) from None
+    params = params.clone()
+    rest = {k: v for k, v in extra.items() if k != cfg.KEY}
+    rest[sae_req.CONFIG_KEY] = canonical
+    params.extra_args = rest
+    return params, sae_req.salt(canonical)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ...core.bank import PatchBank
-from ...core.patches import GATE_NONE, CanonicalPatch, Patch, to_canonical
+from ...core.patches import CanonicalPatch, Patch, to_canonical
 from ...core.scope import Scoped
 from ...core.sites import parse_site, site_name
 from ...files.gguf_io import import_gguf
@@ -69,14 +69,7 @@ def read_patches(path, fingerprint: Optional[dict], num_layers: int, force: bool
         if key in out:
             raise PatchSlotError(
                 f"{path}: site {site!r} names the same point of the stream as another site in the file")
-        canon = to_canonical(value)
-        if not canon.is_identity:
-            # The slot tables hold no per-component activation yet: serving such a patch as if φ were the
-            # identity would be a different edit, so it is refused until the slots carry it.
-            raise PatchSlotError(f"{path}: site {site!r} holds a patch with an activation ({canon.activation!r}, e.g. "
-                                 "an SAE feature clamp); the vLLM plugin does not serve activated patches yet — "
-                                 "apply it in Hugging Face (fastpatch.apply) instead")
-        out[key] = canon
+        out[key] = to_canonical(value)
     if not out:
         raise PatchSlotError(f"{path}: the file holds no patch")
     return out
@@ -95,20 +88,26 @@ class SlotTable:
     """
 
     def __init__(self, declared: dict, *, hidden_size: int, num_layers: int, capacity: int,
-                 max_rank: Optional[int], sites, dtype: torch.dtype, device):
+                 max_rank: Optional[int], sites, dtype: torch.dtype, device, sae_rows: int = 0,
+                 sae_keys=(), sae_rank: int = 0):
+        """``sae_rows``: rows after the named slots for per-request SAE configs (``capacity`` counts them),
+        at the sites ``sae_keys``, of rank up to ``sae_rank``; their banks carry activation levels."""
         self.hidden_size, self.num_layers, self.capacity = hidden_size, num_layers, capacity
+        self.named_capacity = capacity - sae_rows
+        self.sae_rows = sae_rows
         for name, patches in declared.items():
             for key, c in patches.items():
                 if c.hidden_size != hidden_size:
                     raise PatchSlotError(f"fastpatch patch {name!r}: hidden size {c.hidden_size} at {site_name(key)}, "
                                          f"the model's is {hidden_size}")
-        used = {k for p in declared.values() for k in p}
+        used = {k for p in declared.values() for k in p} | set(sae_keys)
         if sites == "all":
             keys = {parse_site(s, num_layers) for s in _all_site_names(num_layers)}
         elif sites is None:
             keys = used
         else:
             keys = {parse_site(s, num_layers) for s in sites}
+            keys |= set(sae_keys)
             missing = used - keys
             if missing:
                 raise PatchSlotError(
@@ -121,8 +120,10 @@ class SlotTable:
             if rank > max_rank:
                 raise PatchSlotError(f"fastpatch: a declared patch has rank {rank} > max_rank {max_rank}")
             rank = max_rank
+        rank = max(rank, sae_rank)
         self.max_rank = rank
-        spare = capacity > len(declared)
+        spare = self.named_capacity > len(declared)
+        activated = sae_rows > 0 or any(not c.is_identity for p in declared.values() for c in p.values())
         self.names: dict = {}  # name -> slot
         self.digests: dict = {}  # name -> version string (prefix-cache salt)
         self.banks: dict = {}  # site key -> PatchBank with `capacity` rows
@@ -135,6 +136,10 @@ class SlotTable:
             if spare:  # a run-time patch may bring a shift or a gate: keep those arguments in the graph
                 bank.has_shift = True
                 bank.has_gate = True
+            if sae_rows:  # an SAE clamp or steer brings a shift
+                bank.has_shift = True
+            if activated:  # rows with ReLU / JumpReLU components: the levels are a kernel argument
+                _enable_activations(bank)
             self.banks[key] = bank
         for slot, name in enumerate(declared):
             self.names[name] = slot
@@ -163,17 +168,40 @@ class SlotTable:
                 raise PatchSlotError(f"fastpatch patch {name!r} is gated, but the engine was started without gates")
             if bool((c.shift != 0).any()) and not bank.has_shift:
                 raise PatchSlotError(f"fastpatch patch {name!r} has a shift, but the engine was started without one")
+            if not c.is_identity and bank.act_threshold is None:
+                raise PatchSlotError(f"fastpatch patch {name!r} has activated components ({c.activation!r}, e.g. an "
+                                     "SAE feature edit), but this engine's banks were started without activations: "
+                                     "declare the patch at start, or declare an SAE ('saes'), so the banks carry them")
         slot = self.names.get(name)
         if slot is None:
-            free = sorted(set(range(self.capacity)) - set(self.names.values()))
+            free = sorted(set(range(self.named_capacity)) - set(self.names.values()))
             if not free:
                 raise PatchSlotError(
-                    f"fastpatch: all {self.capacity} slots are full ({sorted(self.names)}); unload one "
+                    f"fastpatch: all {self.named_capacity} slots are full ({sorted(self.names)}); unload one "
                     "or start the engine with more spare_slots")
             slot = free[0]
         for key, bank in self.banks.items():
             _write_row(bank, slot, patches.get(key, _zero(self.hidden_size, 0)))
         self.names[name] = slot
+        return slot
+
+    def sae_slot(self, row: int) -> int:
+        """The bank slot of SAE row ``row``."""
+        if not 0 <= row < self.sae_rows:
+            raise PatchSlotError(f"fastpatch: SAE row {row} is outside this engine's {self.sae_rows} sae_slots")
+        return self.named_capacity + row
+
+    def write_sae(self, row: int, patches: dict) -> int:
+        """Put one SAE config's patches into SAE row ``row`` (identity at every other site), in place."""
+        slot = self.sae_slot(row)
+        for key, c in patches.items():
+            if key not in self.banks:
+                raise PatchSlotError(f"fastpatch: SAE site {site_name(key)} has no bank in this engine")
+            if c.rank > self.max_rank:
+                raise PatchSlotError(f"fastpatch: an SAE config of rank {c.rank} exceeds the banks' rank "
+                                     f"{self.max_rank}")
+        for key, bank in self.banks.items():
+            _write_row(bank, slot, patches.get(key, _zero(self.hidden_size, 0)))
         return slot
 
     def remove(self, name: str) -> int:
@@ -198,28 +226,41 @@ def _first_rows(bank: PatchBank, n: int) -> PatchBank:
     bank.canonical_patches = bank.canonical_patches[:n]
     bank.patches = bank.patches[:n]
     bank._f64 = {k: v[:n] for k, v in bank._f64.items()}
+    bank.act_mode = bank.act_mode[:n].contiguous()
+    bank.act_jump = bank.act_jump[:n].contiguous()
+    bank._act_level = bank._act_level[:n].contiguous()
+    if bank.act_threshold is not None:
+        bank.act_threshold = bank.act_threshold[:n].contiguous()
     return bank
 
 
+def _enable_activations(bank: PatchBank) -> None:
+    """Give an all-identity bank its activation level tensor (−inf everywhere: every component linear), so
+    rows written later may carry ReLU / JumpReLU components; the kernels then always get the levels."""
+    if bank.act_threshold is None:
+        bank.act_threshold = bank._act_level.to(device=bank.device, dtype=torch.float32).contiguous()
+    bank.has_activation = True
+
+
 def _write_row(bank: PatchBank, slot: int, c: CanonicalPatch) -> None:
-    """Overwrite one row of ``bank``'s tensors in place with ``c`` (rank zero-padded)."""
-    r = c.rank
-    dt, dev = bank.dtype, bank.device
+    """Overwrite one row of ``bank``'s tensors in place with ``c`` (rank zero-padded): the kernels' tensors,
+    the float64 copies the reference backend reads and the activation levels."""
+    if c.rank > bank.down.shape[1]:
+        raise PatchSlotError(f"fastpatch: a patch of rank {c.rank} does not fit a bank of rank {bank.down.shape[1]}")
+    if not c.is_identity and bank.act_threshold is None:
+        raise PatchSlotError("fastpatch: a patch with activations does not fit a bank built without them")
+    one = PatchBank([c, _zero(bank.hidden_size, bank.down.shape[1])], bank.hidden_size)  # float64 row, padded
+    f = one._f64
     with torch.no_grad():
-        bank.down[slot].zero_()
-        bank.up[slot].zero_()
-        bank.bias[slot].zero_()
-        if r:
-            bank.down[slot, :r].copy_(c.down.to(dev, dt))
-            bank.up[slot, :r].copy_(c.up.to(dev, dt))
-            bank.bias[slot, :r].copy_(c.bias.to(dev, dt))
-        bank.shift[slot].copy_(c.shift.to(dev, dt))
-        if c.gate is not None:
-            bank.gate_dir[slot].copy_(c.gate.condition.to(dev, dt))
-            bank.gate_threshold[slot] = float(c.gate.threshold)
-            bank.gate_mode[slot] = int(c.gate.mode)
-        else:
-            bank.gate_dir[slot].zero_()
-            bank.gate_threshold[slot] = 0.0
-            bank.gate_mode[slot] = GATE_NONE
+        for name in ("down", "up", "bias", "shift", "gate_dir"):
+            getattr(bank, name)[slot].copy_(f[name][0].to(bank.device, bank.dtype))
+            bank._f64[name][slot].copy_(f[name][0])
+        bank.gate_threshold[slot] = float(f["gate_threshold"][0])
+        bank._f64["gate_threshold"][slot] = f["gate_threshold"][0]
+        bank.gate_mode[slot] = int(one.gate_mode[0])
+        bank.act_mode[slot].copy_(one.act_mode[0])
+        bank.act_jump[slot].copy_(one.act_jump[0])
+        bank._act_level[slot].copy_(one._act_level[0])
+        if bank.act_threshold is not None:
+            bank.act_threshold[slot].copy_(one._act_level[0].to(bank.device, torch.float32))
     bank.canonical_patches[slot] = c

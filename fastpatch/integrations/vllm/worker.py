@@ -17,6 +17,7 @@ from . import config as cfg
 from ...core.sites import site_name
 from .checkpoint import model_fingerprint
 from .compat import refuse
+from . import sae as sae_req
 from .model import decoder, install, installed_sites
 from .slots import SlotTable, read_patches
 
@@ -41,9 +42,19 @@ class WorkerState:
         sites = dec.site_names() if conf.sites == "all" else conf.sites
         for key in {k for patches in declared.values() for k in patches}:
             dec.check_key(key)  # a declared resid_mid on a parallel block: refused, naming the sites it has
+        self.saes = {}
+        if conf.saes:
+            try:
+                self.saes = sae_req.load_all(conf)
+                sae_req.check_model(self.saes, self.num_layers, self.hidden_size, dec.check_key)
+            except ValueError as exc:
+                raise refuse(str(exc)) from None
+        sae_keys = {k for s in self.saes.values() for k in sae_req.build_keys(s[0], self.num_layers)}
         self.table = SlotTable(declared, hidden_size=self.hidden_size, num_layers=self.num_layers,
                                capacity=conf.capacity, max_rank=conf.max_rank, sites=sites,
-                               dtype=param.dtype, device=param.device)
+                               dtype=param.dtype, device=param.device, sae_rows=conf.sae_slots,
+                               sae_keys=sae_keys, sae_rank=conf.max_sae_features if conf.saes else 0)
+        self.row_hash: dict = {}  # SAE row -> the config hash it holds
         n = int(runner.max_num_tokens)
         self.index = torch.full((n,), -1, dtype=torch.int32, device=param.device)
         self.host = self.index if param.device.type == "cpu" else torch.full((n,), -1, dtype=torch.int32)
@@ -64,7 +75,10 @@ class WorkerState:
             params = getattr(state, "sampling_params", None)
             extra = getattr(params, "extra_args", None) or {}
             name = extra.get(cfg.KEY)
-            if name is None:
+            sae_conf = extra.get(sae_req.CONFIG_KEY)
+            if sae_conf is not None:  # an SAE feature config (the front end checked it, the scheduler gave a row)
+                slot = self.sae_slot(req_id, sae_conf, extra.get(sae_req.ROW_KEY))
+            elif name is None:
                 slot = -1
             else:
                 slot = self.table.names.get(name)
@@ -73,6 +87,22 @@ class WorkerState:
                     slot = -1
             self.req_slots[req_id] = slot
         return slot
+
+    def sae_slot(self, req_id: str, conf: dict, row) -> int:
+        """The bank slot of a request's SAE config, its row (re)written first when it holds another config.
+        Fails loudly (never unpatched) when the scheduler gave the request no row."""
+        h = conf.get(sae_req.HASH) if isinstance(conf, dict) else None
+        if not self.saes or not isinstance(h, str) or isinstance(row, bool) or not isinstance(row, int):
+            raise RuntimeError(f"fastpatch: request {req_id} carries an SAE config without a checked hash or a "
+                               f"scheduler row (row={row!r}); it must not run unpatched")
+        if self.row_hash.get(row) != h:
+            patches = sae_req.build(conf, self.saes, self.num_layers)
+            self.table.write_sae(row, patches)
+            self.row_hash[row] = h
+            # requests cached on this row held the previous config: they finished (the scheduler frees a row
+            # only when its last request ends), so their cache entries go
+            self.req_slots = {r: s for r, s in self.req_slots.items() if s != self.table.sae_slot(row)}
+        return self.table.sae_slot(row)
 
     def fill(self, num_scheduled_tokens: np.ndarray) -> None:
         batch = self.runner.input_batch
@@ -158,8 +188,10 @@ def self_test(model, banks: dict, index: torch.Tensor, mode: str) -> float:
     # Only the parts this bank's compiled-in arguments carry: a bank built without shifts has its shift
     # argument switched off in the kernel, so a shift there would be a false alarm.
     shift = 1.5 * torch.cos(3 * t) if bank.has_shift else torch.zeros(d, dtype=torch.float64)
+    # A bank with activation levels (SAE rows) is tested with a ReLU component: the levels are checked too.
+    act = "relu" if (r and bank.act_threshold is not None) else "identity"
     known = CanonicalPatch(down.contiguous(), torch.full((r,), 0.25, dtype=torch.float64),
-                           (0.8 * torch.sin(7 * t))[None, :].expand(r, d).contiguous(), shift)
+                           (0.8 * torch.sin(7 * t))[None, :].expand(r, d).contiguous(), shift, activation=act)
     if not r and not bank.has_shift:
         logger.warning("fastpatch: %s has neither a shift nor a low-rank part; the start-up self-test only "
                        "checked that its patched forward is installed", site_name(key))
@@ -173,7 +205,8 @@ def self_test(model, banks: dict, index: torch.Tensor, mode: str) -> float:
     ref_out, ref_h = fused_add_norm(x, res, w, eps=eps, norm="rms",
                                     bank=PatchBank([known], d), index=torch.tensor([0, -1]),
                                     weight_offset=offset, exact=True)
-    saved_row = {f: getattr(bank, f)[slot].clone() for f in _ROW_FIELDS}
+    fields = _ROW_FIELDS + (("act_threshold",) if bank.act_threshold is not None else ())
+    saved_row = {f: getattr(bank, f)[slot].clone() for f in fields}
     saved_canon = bank.canonical_patches[slot]
     saved_index = index[:n].clone()
     try:
@@ -191,7 +224,8 @@ def self_test(model, banks: dict, index: torch.Tensor, mode: str) -> float:
         else:
             out, summed = norm.forward(xin, res.clone())
     finally:
-        for f, v in saved_row.items():
+        _write_row(bank, slot, saved_canon)  # the float64 copies and activation rows
+        for f, v in saved_row.items():  # the kernels' tensors, bit for bit
             getattr(bank, f)[slot].copy_(v)
         bank.canonical_patches[slot] = saved_canon
         index[:n].copy_(saved_index)
