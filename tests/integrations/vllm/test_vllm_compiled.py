@@ -37,14 +37,33 @@ def test_compiled_engine_with_run_time_loading(tmp_path):
                                                          torch.randn(d, generator=g), 0.0)},
         "elsewhere": {"layers.3.resid_post": fastpatch.Steer(torch.randn(d, generator=g))},
     })
+    from test_vllm_sae import oracle_patch, sampling as sae_sampling, write_saelens
+
+    sae_folder = write_saelens(tmp_path / "sae", "blocks.6.hook_resid_post", "jumprelu", d, 0)
     llm = engine(smollm2_folder(), {"patches": {"steer": files["steer"]}, "spare_slots": 1, "max_rank": 4,
-                                    "sites": ["layers.6.resid_post", "layers.10.resid_post"]},
+                                    "sites": ["layers.6.resid_post", "layers.10.resid_post"],
+                                    "saes": {"jr": sae_folder}, "sae_slots": 2, "max_sae_features": 4},
                  enforce_eager=False, worker_extension_cls="fastpatch.integrations.vllm.WorkerExtension")
     assert llm.llm_engine.vllm_config.compilation_config.mode != 0, "the engine must run compiled"
 
     outs = llm.generate([PROMPTS[0], PROMPTS[0]], [sampling("steer"), sampling()], use_tqdm=False)
     _close(outs[0], hf, files["steer"])
     plain = _close(outs[1], hf)
+
+    # SAE feature configs per request in the traced graph: three configs over two rows (one waits a step),
+    # each exact vs Hugging Face + fastpatch.apply of the same SAE patch (rows are in-place writes)
+    saes = [{"sae": "jr", "clamp": {"3": 6.0, "17": 4.0}}, {"sae": "jr", "ablate": ["5", "9"]},
+            {"sae": "jr", "clamp": {"21": 3.0}, "steer": {"60": -4.0}}]
+    outs = llm.generate([PROMPTS[0]] * 3, [sae_sampling(c) for c in saes], use_tqdm=False)
+    for out, c in zip(outs, saes):
+        toks, lps = tokens_and_logprobs(out)
+        mapping = oracle_patch({"folders": {"jr": sae_folder}}, c)
+        handle = fastpatch.apply(hf, mapping)
+        try:
+            ref_toks, ref_lps = hf_greedy(hf, out.prompt_token_ids, MAX_TOKENS)
+        finally:
+            handle.remove()
+        assert toks == ref_toks and max(abs(a - b) for a, b in zip(lps, ref_lps)) <= TOL
 
     with pytest.raises(VLLMValidationError, match="unknown patch 'late'"):
         llm.generate([PROMPTS[0]], [sampling("late")], use_tqdm=False)
