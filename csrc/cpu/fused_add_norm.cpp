@@ -1,6 +1,7 @@
 // CPU kernel of fastpatch.fused_add_norm: residual add + activation patch + RMS/LayerNorm in one
 // pass over each row. Semantics: fastpatch/core/reference.py. Gate decisions and norm statistics go
-// through csrc/patch_math.h, the same helpers the CUDA kernels use.
+// through csrc/patch_math.h, the same helpers the CUDA kernels use. The op registration and the
+// Python bindings are in csrc/cpu/torch_bindings.cpp (declarations: csrc/cpu/ops.h).
 //
 // Per row (D elements, fp32 maths whatever the storage dtype):
 //   unpatched row: x + residual -> round to x dtype -> residual_out, norm statistics accumulated on
@@ -17,8 +18,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/csrc/utils/pybind.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -30,6 +29,7 @@
 #include <vector>
 
 #include "../patch_math.h"
+#include "ops.h"
 
 namespace fastpatch {
 namespace cpu {
@@ -669,6 +669,8 @@ void dispatch_param_dtypes(const Problem& p, bool bank_f32, bool weight_f32) {
   }
 }
 
+}  // namespace
+
 void fused_add_norm_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& norm_bias_in,
@@ -809,6 +811,7 @@ void fused_add_norm_cpu(
   }
 }
 
+
 // True when every entry of a contiguous CPU int32/int64 index lies in [-1, num_patches): the
 // per-call index check of Plan::run below. One pass, no
 // allocation: ~0.1 µs for a decode batch where torch's min()/max() cost two ops and two syncs.
@@ -826,73 +829,6 @@ bool index_in_range(const at::Tensor& index, int64_t num_patches) {
   return false;
 }
 
-// The public op's fast path (fastpatch/kernels/ops.py): the parts of a call that stay the same from
-// call to call (norm weight and bias, eps, norm kind, offset, the bank's tensors), checked once in
-// Python and held here, so a call passes 6 tensors instead of 19 (pybind11 converts each argument,
-// ~25 ns apiece) and the per-call checks below run in C++. run() answers false for anything it does
-// not take (another hidden size, shapes that differ from x's, an index out of range) and
-// fused_add_norm_cpu throws for anything inconsistent, both before any memory is touched; the
-// caller then goes through the fully checked path, which reports the problem or handles it.
-class Plan {
- public:
-  Plan(std::optional<at::Tensor> weight, std::optional<at::Tensor> bias, double eps, int64_t norm_kind,
-       double weight_offset, std::optional<at::Tensor> down, std::optional<at::Tensor> down_bias,
-       std::optional<at::Tensor> up, std::optional<at::Tensor> shift, std::optional<at::Tensor> gate_dir,
-       std::optional<at::Tensor> gate_threshold, std::optional<at::Tensor> gate_mode,
-       std::optional<at::Tensor> act_threshold, int64_t hidden)
-      : weight_(std::move(weight)), bias_(std::move(bias)), eps_(eps), norm_kind_(norm_kind),
-        weight_offset_(weight_offset), down_(std::move(down)), down_bias_(std::move(down_bias)),
-        up_(std::move(up)), shift_(std::move(shift)), gate_dir_(std::move(gate_dir)),
-        gate_threshold_(std::move(gate_threshold)), gate_mode_(std::move(gate_mode)),
-        act_threshold_(std::move(act_threshold)), hidden_(hidden),
-        num_patches_(gate_mode_.has_value() ? gate_mode_->numel() : 0) {}
-
-  bool run(const at::Tensor& x, const std::optional<at::Tensor>& residual,
-           const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& fire_counts,
-           const at::Tensor& out, const at::Tensor& residual_out, bool check_index) const {
-    const int64_t D = hidden_;
-    if (x.dim() < 1 || x.size(-1) != D) return false;
-    if (x.dim() == 2) {  // rows as they come (vLLM's [tokens, hidden]): no views to make
-      if (index.has_value()) {
-        if (index->dim() != 1) return false;
-        if (check_index && !index_in_range(*index, num_patches_)) return false;
-      }
-      fused_add_norm_cpu(x, residual, weight_, bias_, eps_, norm_kind_, weight_offset_, down_, down_bias_,
-                         up_, shift_, gate_dir_, gate_threshold_, gate_mode_, act_threshold_, index, fire_counts, out,
-                         residual_out);
-      return true;
-    }
-    // [..., D]: the public op's shape rules (every tensor shaped like x, index one entry per row as
-    // [rows] or x's leading shape), then the same call on contiguous 2-D views.
-    const auto sizes = x.sizes();
-    for (const at::Tensor* t : {&x, &out, &residual_out}) {
-      if (t->sizes() != sizes || !t->is_contiguous()) return false;
-    }
-    if (residual.has_value() && (residual->sizes() != sizes || !residual->is_contiguous())) return false;
-    std::optional<at::Tensor> res2d, index1d;
-    if (residual.has_value()) res2d = residual->view({-1, D});
-    if (index.has_value()) {
-      if (index->dim() != 1 && index->sizes() != sizes.slice(0, sizes.size() - 1)) return false;
-      if (!index->is_contiguous()) return false;
-      index1d = index->view({-1});
-      if (check_index && !index_in_range(*index1d, num_patches_)) return false;
-    }
-    fused_add_norm_cpu(x.view({-1, D}), res2d, weight_, bias_, eps_, norm_kind_, weight_offset_, down_,
-                       down_bias_, up_, shift_, gate_dir_, gate_threshold_, gate_mode_, act_threshold_, index1d,
-                       fire_counts,
-                       out.view({-1, D}), residual_out.view({-1, D}));
-    return true;
-  }
-
- private:
-  std::optional<at::Tensor> weight_, bias_;
-  double eps_;
-  int64_t norm_kind_;
-  double weight_offset_;
-  std::optional<at::Tensor> down_, down_bias_, up_, shift_, gate_dir_, gate_threshold_, gate_mode_, act_threshold_;
-  int64_t hidden_, num_patches_;
-};
-
 // Whether at::parallel_for in this build can use more than one thread (it needs OpenMP).
 bool built_with_openmp() {
 #ifdef _OPENMP
@@ -902,38 +838,5 @@ bool built_with_openmp() {
 #endif
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace fastpatch
-
-// One op for every variant; absent parts are None. gate_mode marks a bank (it is never absent
-// when one is given). The outputs are written in place: out, residual_out and fire_counts.
-TORCH_LIBRARY(fastpatch_cpp, m) {
-  m.def(
-      "fused_add_norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
-      "int norm_kind, float weight_offset, Tensor? down, Tensor? down_bias, Tensor? up, "
-      "Tensor? shift, Tensor? gate_dir, Tensor? gate_threshold, Tensor? gate_mode, Tensor? act_threshold, "
-      "Tensor? index, "
-      "Tensor(a!)? fire_counts, Tensor(b!) out, Tensor(c!) residual_out) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(fastpatch_cpp, CPU, m) {
-  m.impl("fused_add_norm", &fastpatch::cpu::fused_add_norm_cpu);
-}
-
-// The same function as a plain Python binding: calling a dispatcher op from Python costs ~4 µs
-// (boxing 19 arguments against the schema), a pybind11 call ~0.5 µs, and this op runs twice per
-// decoder layer per token. fastpatch/kernels/backends/cpp.py calls this in eager mode and the registered
-// op above while torch.compile traces.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_add_norm", &fastpatch::cpu::fused_add_norm_cpu,
-        "fused add + patch + norm (eager fast path; same kernel as torch.ops.fastpatch_cpp)");
-  pybind11::class_<fastpatch::cpu::Plan>(m, "Plan")
-      .def(pybind11::init<std::optional<at::Tensor>, std::optional<at::Tensor>, double, int64_t, double,
-                          std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
-                          std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
-                          std::optional<at::Tensor>, std::optional<at::Tensor>, int64_t>())
-      .def("run", &fastpatch::cpu::Plan::run);
-  m.def("built_with_openmp", &fastpatch::cpu::built_with_openmp,
-        "whether at::parallel_for in this build can run on several threads");
-}

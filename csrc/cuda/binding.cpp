@@ -6,7 +6,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
-#include <torch/library.h>
 
 #include <optional>
 
@@ -170,22 +169,12 @@ void fused_add_norm_cuda(const at::Tensor& x, const OptTensor& residual, const O
 }  // namespace cuda
 }  // namespace fastpatch
 
-// One op for every variant; absent parts are None; gate_mode marks a bank. Writes in place into
-// out, residual_out and fire_counts, which may alias x / residual (the kernel reads a row in full
-// before writing it).
-TORCH_LIBRARY_FRAGMENT(fastpatch, m) {
-  m.def(
-      "fused_add_norm_cuda(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
-      "int norm_kind, float weight_offset, Tensor? down, Tensor? down_bias, Tensor? up, "
-      "Tensor? shift, Tensor? gate_dir, Tensor? gate_threshold, Tensor? gate_mode, Tensor? act_threshold, "
-      "Tensor? index, Tensor(a!)? fire_counts, Tensor(b!) out, Tensor(c!) residual_out) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(fastpatch, CUDA, m) { m.impl("fused_add_norm_cuda", &fastpatch::cuda::fused_add_norm_cuda); }
-
-// The same function as a plain Python binding for eager calls: the dispatcher boxes 18 arguments
-// (~4 µs), pybind11 ~0.5 µs, and this runs twice per decoder layer per token. torch.compile traces
-// use the registered op above.
+// The kernel as a plain Python function, registered with no dispatcher key: the one op
+// torch.ops.fastpatch.fused_add_norm (schema and fake: fastpatch/kernels/backends/library.py) has one
+// CUDA implementation, which picks this kernel or the Triton ones per shape
+// (fastpatch/kernels/backends/__init__.py) and calls this function (pybind11, ~0.5 µs). Absent parts are
+// None; gate_mode marks a bank. Writes in place into out, residual_out and fire_counts, which may alias
+// x / residual (the kernel reads a row in full before writing it).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_norm", &fastpatch::cuda::fused_add_norm_cuda, "fused add + patch + norm (CUDA)");
 }

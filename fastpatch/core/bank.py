@@ -1,13 +1,55 @@
 """PatchBank: P canonical patches stacked into dense tensors that kernels index per row."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+import weakref
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
 from .patches import ACT_IDENTITY, ACT_JUMPRELU, ACTIVATIONS, GATE_NONE, CanonicalPatch, Patch, to_canonical
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class KernelArgs(NamedTuple):
+    """A bank as every kernel takes it (:meth:`PatchBank.kernel_args`): the eight bank tensors of the op
+    ``torch.ops.fastpatch.fused_add_norm``, in its argument order, then what the launchers read.
+
+    A part no patch uses is None, so the kernel skips it: rank 0 → no ``down`` / ``down_bias`` / ``up``
+    (no dots), a zero shift → no ``shift``, no gate → no ``gate_dir`` / ``gate_threshold`` (no gate
+    statistics), identity activations only → no ``act_threshold``. ``gate_mode`` is always given: it
+    marks a bank (and fixes P) in the op. ``args[:8]`` are the op's bank arguments; ``num_patches`` and
+    ``rank`` are what launchers size grids by; ``source()`` is the bank (a weak reference: the bank
+    caches its KernelArgs).
+    """
+
+    down: Optional[torch.Tensor]
+    down_bias: Optional[torch.Tensor]
+    up: Optional[torch.Tensor]
+    shift: Optional[torch.Tensor]
+    gate_dir: Optional[torch.Tensor]
+    gate_threshold: Optional[torch.Tensor]
+    gate_mode: torch.Tensor
+    act_threshold: Optional[torch.Tensor]
+    num_patches: int
+    rank: int
+    source: Optional[weakref.ref] = None  # the bank they came from (the reference reads its float64 parameters)
+
+
+# What kernel_args() reads: assigning any of these drops the cached KernelArgs.
+_KERNEL_FIELDS = frozenset(("down", "bias", "up", "shift", "gate_dir", "gate_threshold", "gate_mode", "act_threshold",
+                            "has_shift", "has_gate", "has_activation", "rank", "patches", "canonical_patches"))
+
+
+def kernel_args_of(bank) -> KernelArgs:
+    """:meth:`PatchBank.kernel_args` computed now from the bank's current attributes (uncached)."""
+    low_rank = bank.rank > 0
+    gated = bank.has_gate
+    return KernelArgs(bank.down if low_rank else None, bank.bias if low_rank else None,
+                      bank.up if low_rank else None, bank.shift if bank.has_shift else None,
+                      bank.gate_dir if gated else None, bank.gate_threshold if gated else None,
+                      bank.gate_mode, bank.act_threshold if low_rank else None, bank.num_patches, bank.rank,
+                      weakref.ref(bank))
 
 
 class PatchBank:
@@ -110,6 +152,21 @@ class PatchBank:
         # float32 whatever the bank dtype: θ compares against z, which every kernel holds in fp32
         self.act_threshold = (self._act_level.to(device=device, dtype=torch.float32).contiguous()
                               if self.has_activation else None)
+
+    def __setattr__(self, name, value) -> None:
+        object.__setattr__(self, name, value)
+        if name in _KERNEL_FIELDS:  # e.g. TrainableBank.assign, vLLM's slots forcing has_shift / has_gate
+            object.__setattr__(self, "_kernel_args", None)
+
+    def kernel_args(self) -> KernelArgs:
+        """The bank's tensors as the kernels take them (:class:`KernelArgs`): the one place a bank is
+        spread into kernel arguments. Built on first use and kept until an attribute it reads is assigned
+        (in-place edits of the tensors need nothing: the same tensors are passed)."""
+        args = self.__dict__.get("_kernel_args")
+        if args is None:
+            args = kernel_args_of(self)
+            object.__setattr__(self, "_kernel_args", args)
+        return args
 
     @property
     def num_patches(self) -> int:

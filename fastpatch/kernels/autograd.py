@@ -1,7 +1,8 @@
 """The differentiable fused op (add + patch + norm with a hand-written backward) and the bank it trains.
 
 The kernels have no backward. When the stream or a parameter needs a gradient, the integrations call
-:func:`run` instead of a backend's ``run`` (same arguments plus the backend's ``run`` first):
+:func:`run` instead of a backend's ``run`` (same arguments, a NormSpec and the bank's KernelArgs, plus
+the backend's ``run`` first):
 
 - forward: h = x + residual in fp32, the patch in fp32 torch ops (one [N, P·R] matmul each way, never
   an [N, R, D] gather), h' rounded to x's dtype, then the backend kernel for the norm of h' (out and
@@ -36,6 +37,7 @@ from ..core.patches import (ACT_JUMPRELU, ACTIVATIONS, GATE_COSINE_ABOVE, GATE_C
                             GATE_PROJECTION_ABOVE, CanonicalPatch)
 from ..core.reference import NORM_KINDS
 from . import backends
+from .backends.calls import NormSpec, from_legacy
 from .checks import check_inputs
 
 _RMS = NORM_KINDS["rms"]
@@ -226,22 +228,23 @@ def _unblock(zf, k, P: int):
 class _FusedAddPatchNorm(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, residual, weight, nbias, down, lbias, up, shift,
-                run, eps, norm_kind, offset, gate, act, index, fire_counts):
+    def forward(ctx, x, residual, weight, nbias, down, lbias, up, shift, run, norm, P, gate, act, index, fire_counts):
         N, D = x.shape
-        ctx.cfg = (eps, norm_kind, offset, residual is not None, x.dtype, None if nbias is None else nbias.dtype)
-        if shift is None:  # no bank: the kernel does add + norm
-            out, h1 = run(x, residual, weight, nbias, eps, norm_kind, offset, None, None, None, None, None)
+        ctx.cfg = (norm.eps, norm.kind, norm.weight_offset, residual is not None, x.dtype,
+                   None if nbias is None else nbias.dtype)
+        if not P:  # no bank: the kernel does add + norm
+            out, h1 = run(x, residual, weight, nbias, norm, None, None, None)
             ctx.save_for_backward(h1.clone(), weight)
             ctx.bank = None
             return out, h1
-        P, R = shift.shape[0], (down.shape[1] if down is not None else 0)
+        R = down.shape[1] if down is not None else 0
         acc = _acc(x.dtype)
         h = x.to(acc)
         if residual is not None:
             h = h + residual.to(acc)
         k, m = _rows(index, N, P, gate, h)
-        hp = h + _shift_rows(shift.to(acc), k, m)
+        # no shift (a bank whose shifts are all zero): h itself, copied when nothing else makes a new tensor
+        hp = (h if R else h.clone()) if shift is None else h + _shift_rows(shift.to(acc), k, m)
         z = None
         if R:
             zf = torch.addmm(lbias.to(acc).reshape(1, P * R), h, down.to(acc).reshape(P * R, D).t())
@@ -252,7 +255,7 @@ class _FusedAddPatchNorm(torch.autograd.Function):
                 z = torch.where(amask, z, torch.zeros_like(z))
             hp = torch.addmm(hp, _block(_masked(z, m), k, P), up.to(acc).reshape(P * R, D))
         h1 = hp.to(x.dtype)
-        out, _ = run(h1, None, weight, nbias, eps, norm_kind, offset, None, None, None, None, h1)
+        out, _ = run(h1, None, weight, nbias, norm, None, None, None, None, h1)
         if fire_counts is not None:
             if k is None:
                 fire_counts.add_(N)
@@ -321,32 +324,34 @@ class _FusedAddPatchNorm(torch.autograd.Function):
                     dup = (zb.t() @ dh).view(P, R, D).to(up.dtype)
                 if need[4]:
                     # h before the patch, recovered from h' (h = h' − m·(z·up + shift)): no N·D saved for it
-                    hpre = torch.addmm(y - _shift_rows(shift.to(acc), k, m), zb, up2, alpha=-1)
+                    hpre = torch.addmm(y if shift is None else y - _shift_rows(shift.to(acc), k, m), zb, up2,
+                                       alpha=-1)
                     ddown = (dzb.t() @ hpre).view(P, R, D).to(down.dtype)
                 dh = torch.addmm(dh, dzb, down2)
         dx = dh.to(xdtype) if (need[0] or need[1]) else None
         return (dx if need[0] else None, dx if (has_res and need[1]) else None, dw, dnb,
-                ddown, dlb, dup, dshift, None, None, None, None, None, None, None, None)
+                ddown, dlb, dup, dshift, None, None, None, None, None, None, None)
 
 
-def run(fast_run, x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
-        out=None, residual_out=None):
-    """The backend ``run`` contract (see :mod:`fastpatch.kernels.backends`), differentiable; ``fast_run``
-    is the backend's ``run`` used for the norm. ``out`` / ``residual_out`` are not supported (autograd
-    needs fresh outputs): pass None."""
+def run(fast_run, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None,
+        *legacy):
+    """A backend's ``run`` (see :mod:`fastpatch.kernels.backends`: ``norm`` a NormSpec, ``args`` the bank's
+    ``kernel_args()`` or None), differentiable; ``fast_run`` is the backend's ``run`` used for the norm.
+    ``out`` / ``residual_out`` are not supported (autograd needs fresh outputs): pass None."""
+    if type(norm) is not NormSpec:  # the former 12-argument form
+        return from_legacy(lambda *a: run(fast_run, *a), x2d, residual2d, weight, bias, norm, args, index,
+                           fire_counts, out, residual_out, *legacy)
     if out is not None or residual_out is not None:
         raise ValueError("the differentiable op allocates its outputs: out and residual_out must be None")
-    if bank is None:
-        tensors = (None, None, None, None)
-        gate = act = None
+    if args is None:
+        tensors, P, gate, act = (None, None, None, None), 0, None, None
     else:
-        low_rank = bank.rank > 0
-        tensors = (bank.down if low_rank else None, bank.bias if low_rank else None,
-                   bank.up if low_rank else None, bank.shift)
-        gate = (bank.gate_dir, bank.gate_threshold, bank.gate_mode) if bank.has_gate else None
-        act = bank.act_threshold if (low_rank and bank.has_activation) else None
-    return _FusedAddPatchNorm.apply(x2d, residual2d, weight, bias, *tensors, fast_run, float(eps), int(norm_kind),
-                                    float(weight_offset), gate, act, index, fire_counts)
+        tensors = args[:4]  # down, down_bias, up (None at rank 0), shift (None when every shift is zero)
+        P = args.num_patches
+        gate = (args.gate_dir, args.gate_threshold, args.gate_mode) if args.gate_dir is not None else None
+        act = args.act_threshold
+    return _FusedAddPatchNorm.apply(x2d, residual2d, weight, bias, *tensors, fast_run, norm, P, gate, act, index,
+                                    fire_counts)
 
 
 def fused_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor], *,
@@ -361,5 +366,6 @@ def fused_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     impl = backends.resolve(backend, x.device, x.dtype)
     if x2d.shape[0] == 0:
         return torch.empty_like(x), torch.empty_like(x)
-    o, r = run(impl.run, x2d, res2d, w, b, eps, norm_kind, weight_offset, bank, idx, fire_counts)
+    o, r = run(impl.run, x2d, res2d, w, b, NormSpec(norm_kind, float(eps), float(weight_offset)),
+               None if bank is None else bank.kernel_args(), idx, fire_counts)
     return o.view_as(x), r.view_as(x)

@@ -14,6 +14,7 @@ import torch
 
 from . import autograd as _autograd
 from . import backends
+from .backends import NormSpec
 from ..core.bank import PatchBank
 # check_inputs and config live in .checks (shared with .autograd); importable from here as before
 from .checks import Config, check_inputs, config  # noqa: F401  (Config: re-exported)
@@ -122,14 +123,15 @@ def _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offs
     out2d = _check_output("out", out, x)
     res_out2d = _check_output("residual_out", residual_out, x)
     impl = backends.resolve(backend, x.device, x.dtype)  # one dict lookup after the first call
+    spec = NormSpec(norm_kind, float(eps), float(weight_offset))
+    args = None if bank is None else bank.kernel_args()
     if remember and impl is _cpp_module:
         _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, backend, index is None,
-                  x.shape[-1], norm_kind, impl)
+                  x.shape[-1], spec, args, impl)
     if x2d.shape[0] == 0:
         return ((torch.empty_like(x) if out is None else out),
                 (torch.empty_like(x) if residual_out is None else residual_out))
-    o, r = impl.run(x2d, res2d, w, b, float(eps), norm_kind, float(weight_offset), bank, idx, fire_counts,
-                    out2d, res_out2d)
+    o, r = impl.run(x2d, res2d, w, b, spec, args, idx, fire_counts, out2d, res_out2d)
     return o.view_as(x), r.view_as(x)  # view_as: ~1.3 µs each on CPU, view(x.shape) ~3.4 µs
 
 
@@ -139,7 +141,8 @@ def _checked_call(x, residual, weight, bias, eps, norm, bank, index, weight_offs
 # ~0.8 µs). Most of it re-checks the same weight, bank and fire_counts objects on every call. The
 # first fully checked call with the cpp backend records a _Plan keyed on those objects (and eps,
 # norm, weight_offset, backend, whether an index is given); later calls with the same objects skip
-# check_inputs and call the C++ Plan (csrc/cpu/fused_add_norm.cpp), which holds the checked tensors:
+# check_inputs and call the C++ Plan (csrc/cpu/torch_bindings.cpp), which holds the checked tensors
+# and calls the op torch.ops.fastpatch.fused_add_norm through the dispatcher from C++:
 #   - weight, bias and fire_counts are held by the plan (so their ids cannot be reused while it
 #     lives); the bank is held by a weak reference and the plan is dropped when the bank dies, so a
 #     new bank that gets a dead one's id never finds its plan, and a plan never keeps a bank's
@@ -170,7 +173,7 @@ class _Plan:
 
 
 def _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, backend, index_is_none, hidden,
-              norm_kind, impl):
+              spec, args, impl):
     if w is not weight or b is not bias:
         return  # non-contiguous weight/bias: check_inputs copies them, every call (keep the checked path)
     key = (id(weight), id(bank), id(bias), id(fire_counts), eps, norm, weight_offset, backend, index_is_none)
@@ -183,15 +186,7 @@ def _remember(weight, w, bias, b, bank, fire_counts, eps, norm, weight_offset, b
 
     plan.bank = _no_bank if bank is None else weakref.ref(bank, forget)
     plan.weight, plan.bias, plan.fire_counts = weight, bias, fire_counts
-    if bank is None:
-        bank_args = (None,) * 8
-    else:  # the bank's tensors spread as call_flat does (parts no patch uses are None)
-        low_rank, gated = bank.rank > 0, bank.has_gate
-        bank_args = (bank.down if low_rank else None, bank.bias if low_rank else None,
-                     bank.up if low_rank else None, bank.shift if bank.has_shift else None,
-                     bank.gate_dir if gated else None, bank.gate_threshold if gated else None,
-                     bank.gate_mode, bank.act_threshold)
-    plan.run = impl.make_plan(weight, bias, float(eps), norm_kind, float(weight_offset), *bank_args, hidden).run
+    plan.run = impl.make_plan(weight, bias, spec, args, hidden).run
     if len(_plans) >= _MAX_PLANS:
         _plans.clear()
     _plans[key] = plan

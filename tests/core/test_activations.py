@@ -16,7 +16,7 @@ from fastpatch import reference
 from fastpatch.core.patches import ACT_IDENTITY, ACT_JUMPRELU, ACT_RELU, CanonicalPatch
 from fastpatch.files import patch_file
 from fastpatch.kernels import autograd as ag
-from fastpatch.kernels.backends import reference_backend
+from fastpatch.kernels.backends import NormSpec, reference_backend
 
 from casegen import make_case, make_patch, run_backend, assert_matches_reference, jump_thresholds
 
@@ -202,8 +202,9 @@ def test_gradcheck_float64_with_activation():
     w = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def f(x, w, down, lb, up, shift):
-        return ag._FusedAddPatchNorm.apply(x, None, w, None, down, lb, up, shift, reference_backend.run, 1e-5, 0,
-                                           0.0, None, bank.act_threshold, idx, None)
+        return ag._FusedAddPatchNorm.apply(x, None, w, None, down, lb, up, shift, reference_backend.run,
+                                           NormSpec(0, 1e-5, 0.0), bank.num_patches, None, bank.act_threshold, idx,
+                                           None)
 
     assert torch.autograd.gradcheck(f, (x, w, *tensors), eps=1e-6, atol=1e-6)
 

@@ -8,7 +8,7 @@ import torch
 
 import fastpatch as fp
 from fastpatch.kernels import backends
-from fastpatch.kernels.backends import cuda
+from fastpatch.kernels.backends import NormSpec, cuda
 from fastpatch.kernels.triton_ops import dispatch
 
 from casegen import assert_matches_reference, make_case
@@ -49,9 +49,9 @@ class Recorder:
     def __init__(self, module):
         self.module, self.calls = module, []
 
-    def run(self, x2d, *args):
+    def launch(self, x2d, *args):
         self.calls.append(x2d.shape[0])
-        return self.module.run(x2d, *args)
+        return self.module.launch(x2d, *args)
 
 
 @pytest.fixture
@@ -73,8 +73,8 @@ def per_shape():
 ])
 def test_per_shape_routes_and_computes(per_shape, N, kind, rank, index_mode, P, route):
     case = make_case(N, 32, torch.float32, kind=kind, rank=rank, index_mode=index_mode, num_patches=P)
-    out, res = per_shape.run(case.x, case.residual, case.weight, None, case.eps, 0, 0.0, case.bank, case.index,
-                             None)
+    out, res = per_shape.run(case.x, case.residual, case.weight, None, NormSpec(0, case.eps), case.bank.kernel_args(),
+                             case.index, None)
     assert_matches_reference(case, out, res)
     assert per_shape.modules[route].calls == [N]
     other = "cuda" if route == "triton" else "triton"

@@ -20,7 +20,7 @@ import fastpatch as fp
 from fastpatch.core import reference
 from fastpatch.integrations.hf.checkpointing import StepCheckpoint
 from fastpatch.kernels import autograd as ag
-from fastpatch.kernels.backends import reference_backend
+from fastpatch.kernels.backends import NormSpec, reference_backend
 
 from casegen import gate_threshold, make_patch
 from models import PARALLEL_ARCHS, tiny_model
@@ -184,8 +184,8 @@ def test_gradcheck_float64():
         b = torch.randn(D, generator=g, dtype=torch.float64, requires_grad=True) if norm == "layer" else None
 
         def f(x, r, w, down, lb, up, shift, b=b):
-            return ag._FusedAddPatchNorm.apply(x, r, w, b, down, lb, up, shift, reference_backend.run, 1e-5, kind,
-                                               offset, gate, None, idx, None)
+            return ag._FusedAddPatchNorm.apply(x, r, w, b, down, lb, up, shift, reference_backend.run,
+                                               NormSpec(kind, 1e-5, offset), bank.num_patches, gate, None, idx, None)
 
         assert torch.autograd.gradcheck(f, (x, r, w, *tensors), eps=1e-6, atol=1e-6)
 

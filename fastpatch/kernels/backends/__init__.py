@@ -1,11 +1,20 @@
-"""Backend registry: each backend module exposes ``is_available(device)`` and ``run(...)``.
+"""Backend registry around the one op ``torch.ops.fastpatch.fused_add_norm`` (``library``).
 
-``run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
-out, residual_out)``
+The op has one schema and one fake impl; its CPU implementation is the C++ kernel (registered from C++
+when ``cpp`` builds; the reference when it cannot, loudly), its CUDA implementation :func:`_cuda_impl`
+(the per-shape choice of :class:`PerShape` between the ``cuda`` and ``triton`` kernels).
+
+Each backend module exposes ``is_available(device)``, ``launch(...)`` (the op's flat arguments: what an
+implementation of the op runs) and
+``run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None)``
+with ``norm`` a :class:`NormSpec` and ``args`` the bank's ``kernel_args()`` (None: no bank). ``run``
 receives inputs already validated by :func:`fastpatch.kernels.checks.check_inputs` (contiguous 2-D
-rows, ``index`` 1-D or None, ``norm_kind`` 0 = RMS, 1 = Layer) and returns ``(out, residual_out)``
-as [N, D] tensors in x's dtype: into ``out`` / ``residual_out`` when given (preallocated,
-contiguous, possibly aliasing x2d or residual2d), else newly allocated.
+rows, ``index`` 1-D or None) and returns ``(out, residual_out)`` as [N, D] tensors in x's dtype: into
+``out`` / ``residual_out`` when given (preallocated, contiguous, possibly aliasing x2d or residual2d),
+else newly allocated. ``cpp``, ``cuda``, ``triton`` (on CUDA tensors) and :class:`PerShape` run the op;
+``reference`` (and ``triton`` on CPU tensors, under the interpreter) compute eagerly, by name.
+The former 12-argument ``run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index,
+fire_counts, out, residual_out)`` is still accepted (``calls.from_legacy``).
 """
 from __future__ import annotations
 
@@ -20,8 +29,10 @@ from typing import Optional
 
 import torch
 
+from ...core.bank import KernelArgs  # noqa: F401  (re-exported: what a backend's run takes)
 from ..triton_ops.dispatch import uses_tile_kernel
-from . import selftest
+from . import library, selftest
+from .calls import NormSpec, from_legacy, invoke
 
 # name -> module path; imported lazily so that a missing toolchain only affects its backend.
 _MODULES = {
@@ -98,10 +109,11 @@ def choose_cuda(N: int, rank: int, index_given: bool, num_patches: int, names, d
 
 
 class PerShape:
-    """The backend used when none is named on a CUDA device: picks per call (``choose_cuda``).
+    """The CUDA implementation of the op when no backend is named: picks the kernel per call
+    (``choose_cuda``) among those that passed their self-test.
 
-    Has the backend interface (``run``, ``is_available``); both backends are loaded (and the CUDA
-    one built) when it is created, so calls under torch.compile only pick between loaded modules.
+    Has the backend interface (``run``, ``launch``, ``is_available``); both backends are loaded (and the
+    CUDA one built) when it is created, so calls only pick between loaded modules.
     """
 
     # What prepare() and name_of() report. Not __name__: this is an object choosing between two
@@ -115,20 +127,42 @@ class PerShape:
     def is_available(self, device) -> bool:
         return torch.device(device).type == "cuda"
 
-    def choose(self, x2d, bank, index) -> str:
-        if bank is None:
+    def choose(self, x2d, gate_mode, down, index) -> str:
+        """The backend for one call, from the op's arguments (``gate_mode`` None: no bank)."""
+        if gate_mode is None or down is None:
             return choose_cuda(x2d.shape[0], 0, False, 1, self.names)
-        return choose_cuda(x2d.shape[0], bank.rank, index is not None, bank.num_patches, self.names,
-                           bank.dtype == torch.float32)
+        return choose_cuda(x2d.shape[0], down.shape[1], index is not None, gate_mode.numel(), self.names,
+                           down.dtype == torch.float32)
 
-    def run(self, x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
-            out=None, residual_out=None):
-        module = self.modules[self.choose(x2d, bank, index)]
-        return module.run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index,
-                          fire_counts, out, residual_out)
+    def launch(self, x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
+               gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out, backend=None):
+        self.modules[self.choose(x, gate_mode, down, index)].launch(
+            x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
+            gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out)
+
+    def run(self, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None,
+            *legacy):
+        if type(norm) is not NormSpec:
+            return from_legacy(self.run, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out,
+                               residual_out, *legacy)
+        if x2d.is_cuda:  # the op, whose CUDA implementation comes back to launch()
+            return invoke(library.OP, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out,
+                          residual_out)
+        return invoke(self.launch, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out, residual_out)
 
     def __repr__(self) -> str:
         return f"PerShape({', '.join(self.names)})"
+
+
+def _cuda_impl(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
+               gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out, backend=None):
+    """The op's CUDA implementation: the named kernel, or (None) the per-shape choice of ``resolve``."""
+    impl = load(backend) if backend is not None else resolve(None, x.device, x.dtype)
+    impl.launch(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
+                gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out)
+
+
+library.register_impl("CUDA", _cuda_impl)
 
 
 class SelfTestError(RuntimeError):
@@ -262,9 +296,20 @@ def _resolve_now(backend, device: torch.device, dtype):
             if _self_tested(name, device, dtype, named=False, fallback=rest[0] if rest else None):
                 if name == "reference":
                     _warn_slow(device)
+                    _fallback_impl(device)
                 return load(name)
     _warn_slow(device)
+    _fallback_impl(device)
     return load("reference")
+
+
+def _fallback_impl(device: torch.device) -> None:
+    """No compiled kernel for ``device`` (the warning just given names cause and fix): the op gets the
+    reference as its implementation there, if it has none (a C++ kernel that failed its self-test stays
+    registered; backend=None calls then run the reference by name instead of the op)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if key is not None:
+        library.register_fallback(key, load("reference").launch)
 
 
 def forget() -> None:
@@ -274,6 +319,7 @@ def forget() -> None:
         _refused.clear()
         _warned.clear()
         selftest.forget()
+        library.remove_fallbacks()
 
 
 def name_of(impl) -> str:

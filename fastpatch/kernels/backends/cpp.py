@@ -1,4 +1,9 @@
-"""The C++ CPU backend: csrc/cpu/fused_add_norm.cpp, JIT-built on first use.
+"""The C++ CPU backend: csrc/cpu/fused_add_norm.cpp (kernel) + csrc/cpu/torch_bindings.cpp, JIT-built on first use.
+
+Loading the extension registers the kernel as the CPU implementation of the one op
+``torch.ops.fastpatch.fused_add_norm`` (schema and fake: ``library``). Eager calls enter through a
+pybind11 function that calls that op through the dispatcher from C++ (~0.5 µs; a dispatcher op called
+from Python costs ~4 µs); while torch.compile traces, ``run`` calls the op itself.
 
 The kernel is compiled for the SIMD level torch itself picked for this CPU (AVX512, AVX2 or the
 portable default), never with -march=native: the flags are part of torch's extension-cache hash,
@@ -17,11 +22,12 @@ from typing import Optional
 
 import torch
 
-from .flat_args import call_flat
+from . import library
+from .calls import NormSpec, from_legacy, invoke
 from .sources import csrc_dir
 
 _CSRC = csrc_dir()
-_SOURCES = [_CSRC / "cpu" / "fused_add_norm.cpp"]
+_SOURCES = [_CSRC / "cpu" / "fused_add_norm.cpp", _CSRC / "cpu" / "torch_bindings.cpp"]
 
 # at::vec is a header library: the capability macro picks the vector width it compiles to.
 _SIMD_FLAGS = {
@@ -33,8 +39,8 @@ _SIMD_FLAGS = {
 _lock = threading.Lock()
 _built: Optional[bool] = None
 _error: str = ""
-_op = None  # torch.ops.fastpatch_cpp.fused_add_norm.default once built
-_direct = None  # the same kernel as a pybind11 function: ~0.5 µs per call instead of ~4 µs
+_op = None  # torch.ops.fastpatch.fused_add_norm.default once the CPU kernel is registered
+_direct = None  # the op from C++ (pybind11 entry, backend=None): ~0.5 µs per call instead of ~4 µs
 _module = None  # the extension module (also Plan, built_with_openmp)
 
 
@@ -84,7 +90,8 @@ def _openmp_flags() -> list[str]:
 
 
 def build(verbose: bool = False) -> None:
-    """Compile (or load from torch's extension cache) the kernel and register its fake impl."""
+    """Compile (or load from torch's extension cache) the kernel; loading registers it as the op's CPU
+    implementation."""
     global _built, _error, _op, _direct, _module
     with _lock:
         if _built is not None:
@@ -94,28 +101,18 @@ def build(verbose: bool = False) -> None:
 
             if not all(s.exists() for s in _SOURCES):
                 raise FileNotFoundError(f"C++ sources not found under {_CSRC}")
-            # A Python module too (not just the TORCH_LIBRARY op): see _direct.
+            # A Python module too (not just the op's CPU implementation): see _direct.
             module = load(name="fastpatch_cpu", sources=[str(s) for s in _SOURCES],
                           extra_cflags=["-O3", "-std=c++17", *_simd_flags(), *_openmp_flags()],
                           extra_ldflags=_openmp_flags(),
                           extra_include_paths=[str(_CSRC)], is_python_module=True, verbose=verbose)
-            _register_fake()
-            _op = torch.ops.fastpatch_cpp.fused_add_norm.default
+            _op = library.OP
             _direct = module.fused_add_norm
             _module = module
             _built = True
         except Exception as exc:  # any build failure just makes the backend unavailable
             _error = f"{type(exc).__name__}: {exc}"
             _built = False
-
-
-def _register_fake() -> None:
-    # The op only writes into its out-arguments, so the fake impl has nothing to compute; it lets
-    # torch.compile trace through the op without running it.
-    @torch.library.register_fake("fastpatch_cpp::fused_add_norm")
-    def _(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift,
-          gate_dir, gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out):
-        return None
 
 
 def is_available(device) -> bool:
@@ -135,7 +132,8 @@ def why_unavailable(device) -> str:
 
 
 def op():
-    """The registered op (``torch.ops.fastpatch_cpp.fused_add_norm.default``); builds it if needed."""
+    """The op (``torch.ops.fastpatch.fused_add_norm.default``) with its CPU kernel registered; builds it if
+    needed."""
     if _op is None:
         build()
         if not _built:
@@ -143,14 +141,14 @@ def op():
     return _op
 
 
-def make_plan(weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir, gate_threshold,
-              gate_mode, act_threshold, hidden):
-    """A C++ plan holding a call's checked, unchanging arguments (see fastpatch/kernels/ops.py):
-    ``plan.run(x, residual, index, fire_counts, out, residual_out, check_index) -> bool``."""
+def make_plan(weight, bias, norm: NormSpec, args, hidden: int):
+    """A C++ plan holding a call's checked, unchanging arguments (see fastpatch/kernels/ops.py; ``args``:
+    the bank's KernelArgs or None): ``plan.run(x, residual, index, fire_counts, out, residual_out,
+    check_index) -> bool``, which calls the op through the dispatcher from C++."""
     if _module is None:
         op()
-    return _module.Plan(weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
-                        gate_threshold, gate_mode, act_threshold, hidden)
+    bank = (None,) * 8 if args is None else args[:8]
+    return _module.Plan(weight, bias, norm.eps, norm.kind, norm.weight_offset, *bank, hidden)
 
 
 def built_with_openmp() -> bool:
@@ -160,13 +158,23 @@ def built_with_openmp() -> bool:
     return bool(_module.built_with_openmp())
 
 
-def run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
-        out=None, residual_out=None):
+def launch(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
+           gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out, backend=None):
+    """The op's flat arguments (see ``library``), eagerly: the C++ entry, which dispatches the op from C++."""
+    if _direct is None:
+        op()
+    _direct(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
+            gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out)
+
+
+def run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None, *legacy):
     # Hot path (twice per decoder layer per token): no dicts, no host syncs, only outputs allocated.
-    # Eager calls go straight to the pybind11 binding; torch.compile must see the dispatcher op
-    # (it has the fake impl), and is_compiling() is a constant while tracing.
+    # Eager calls enter the op from C++ (the pybind11 entry); torch.compile must see the op itself (it
+    # has the fake impl), and is_compiling() is a constant while tracing.
+    if type(norm) is not NormSpec:
+        return from_legacy(run, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out, residual_out,
+                           *legacy)
     if _op is None:
         op()
-    call = _op if torch.compiler.is_compiling() else _direct
-    return call_flat(call, x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index,
-                     fire_counts, out, residual_out)
+    return invoke(_op if torch.compiler.is_compiling() else _direct, x2d, residual2d, weight, bias, norm, args,
+                  index, fire_counts, out, residual_out)

@@ -10,8 +10,10 @@ every 30 s while it runs; ``fastpatch build --cuda`` (or :func:`build`) does it 
 ``FASTPATCH_CUDA_BUILD=0`` never compiles: without a cached build the backend is unavailable
 (``backend=None`` then uses Triton alone).
 
-Eager calls go through a pybind11 function (~0.5 µs per call); while torch.compile traces, the
-registered op ``torch.ops.fastpatch.fused_add_norm_cuda`` (with a fake impl) is used instead.
+The extension registers nothing with the dispatcher: its kernel is one of the two the CUDA
+implementation of the one op ``torch.ops.fastpatch.fused_add_norm`` chooses between per shape
+(``backends.choose_cuda``), through :func:`launch` (a pybind11 function, ~0.5 µs per call). ``run``
+calls the op with ``backend="cuda"``, eager or compiled.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from .flat_args import call_flat
+from . import library
+from .calls import NormSpec, from_legacy, invoke
 from .sources import csrc_dir
 
 _CSRC = csrc_dir()
@@ -37,7 +40,6 @@ _lock = threading.Lock()
 _built: Optional[bool] = None
 _error: str = ""
 _fast = None  # pybind11 function of the built module
-_op = None    # torch.ops.fastpatch.fused_add_norm_cuda.default
 
 
 def environment_problem(device) -> str:
@@ -84,11 +86,11 @@ def _say(message: str) -> None:
 
 
 def build(verbose: bool = False, quiet: bool = False) -> None:
-    """Compile (or load from the cache) the extension and register its fake impl.
+    """Compile (or load from the cache) the extension.
 
     verbose: show the compiler commands and output. quiet: no progress lines (they go to stderr
     and only appear when a compile is needed)."""
-    global _built, _error, _fast, _op
+    global _built, _error, _fast
     with _lock:
         if _built is not None:
             return
@@ -118,9 +120,7 @@ def build(verbose: bool = False, quiet: bool = False) -> None:
                           extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
                           extra_include_paths=[str(_CSRC)], build_directory=str(folder),
                           is_python_module=True, verbose=verbose)
-            _register_fake()
             _fast = module.fused_add_norm
-            _op = torch.ops.fastpatch.fused_add_norm_cuda.default
             _built = True
             if announce:
                 _say(f"CUDA backend built in {time.perf_counter() - start:.0f} s")
@@ -137,15 +137,6 @@ def build(verbose: bool = False, quiet: bool = False) -> None:
 def _progress(stop: threading.Event, start: float) -> None:
     while not stop.wait(_PROGRESS_EVERY_S):
         _say(f"still compiling the CUDA backend ({time.perf_counter() - start:.0f} s)")
-
-
-def _register_fake() -> None:
-    # The op only writes into its out-arguments, so the fake impl has nothing to compute; it lets
-    # torch.compile trace through the op without running it.
-    @torch.library.register_fake("fastpatch::fused_add_norm_cuda")
-    def _(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift,
-          gate_dir, gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out):
-        return None
 
 
 def is_available(device) -> bool:
@@ -168,19 +159,27 @@ def why_unavailable(device) -> str:
 
 
 def op():
-    """The registered op (``torch.ops.fastpatch.fused_add_norm_cuda.default``); builds it if needed."""
-    if _op is None:
+    """The op (``torch.ops.fastpatch.fused_add_norm.default``) once this extension is built; builds it if
+    needed (call with ``backend="cuda"`` to force this kernel)."""
+    if _fast is None:
         build()
         if not _built:
             raise RuntimeError(f"fastpatch cuda backend failed to build: {_error}")
-    return _op
+    return library.OP
 
 
-def run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
-        out=None, residual_out=None):
-    # Hot path (twice per decoder layer per token): no dicts, no host syncs, only outputs allocated.
+def launch(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
+           gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out, backend=None):
+    """The op's flat arguments (see ``library``) run by this kernel (the op's CUDA implementation calls it)."""
     if _fast is None:
         op()
-    call = _op if torch.compiler.is_compiling() else _fast
-    return call_flat(call, x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index,
-                     fire_counts, out, residual_out)
+    _fast(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
+          gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out)
+
+
+def run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None, *legacy):
+    if type(norm) is not NormSpec:
+        return from_legacy(run, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out, residual_out,
+                           *legacy)
+    return invoke(library.OP, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out, residual_out,
+                  "cuda")

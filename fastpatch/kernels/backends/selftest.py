@@ -29,6 +29,7 @@ import torch
 
 from ...core import reference
 from ...core.bank import PatchBank
+from .calls import NormSpec
 from ...core.patches import Ablate, CanonicalPatch, Clamp, Encoded, Gate, Gated, LowRank, Steer
 
 ENV = "FASTPATCH_SELFTEST"
@@ -255,8 +256,8 @@ def _run_case(run, case: _Case, dtype, result: Result) -> None:
     out = torch.full_like(case.x, math.nan)
     res_out = torch.full_like(case.x, math.nan)
     fires = torch.zeros(case.bank.num_patches, dtype=torch.int32, device=dev) if case.count_fires else None
-    o, r = run(case.x, case.residual, case.weight, case.bias, case.eps, case.norm_kind, case.weight_offset,
-               case.bank, case.index, fires, out, res_out)
+    o, r = run(case.x, case.residual, case.weight, case.bias, NormSpec(case.norm_kind, case.eps, case.weight_offset),
+               None if case.bank is None else case.bank.kernel_args(), case.index, fires, out, res_out)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)  # an asynchronous kernel fault surfaces here, inside the try
 
