@@ -12,7 +12,8 @@ One benchmark group per shape × dtype × threads, so each group is a side-by-si
   fastpatch[p]         fastpatch.fused_add_norm(x, residual, weight, bank=..., out=x,
                        residual_out=residual): the public op, in place like vLLM, after its first
                        call (so the fast path: checks of the bank/weight cached, per-call ones done)
-  cpp_backend[p]       fastpatch.kernels.backends.cpp.run: the kernel and its binding, no public checks
+  cpp_backend[p]       fastpatch.kernels.backends.cpp.run: the op's C++ entry (dispatcher -> kernel), no public
+                       checks
   torch_ops[p]         x + residual, the patch as torch ops, F.rms_norm (new tensors, as eager torch does)
   hf_hook[p]           x + residual in a module with a forward hook applying the patch (how HF-model
                        steering libraries hook a layer), then transformers' LlamaRMSNorm
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 import fastpatch as fp
 from fastpatch.core import reference
-from fastpatch.kernels.backends import cpp
+from fastpatch.kernels.backends import NormSpec, cpp
 
 SHAPES = ((1, 576), (64, 576), (512, 576), (64, 4096), (512, 4096))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -155,8 +156,10 @@ def make_call(impl: str, patch: str, N: int, D: int, dtype):
         def step(x, r):
             return fp.fused_add_norm(x, r, w, eps=EPS, bank=bank, out=x, residual_out=r)
     elif impl == "cpp_backend":
+        norm, args = NormSpec(0, EPS), (None if bank is None else bank.kernel_args())
+
         def step(x, r):
-            return cpp.run(x, r, w, None, EPS, 0, 0.0, bank, None, None, x, r)
+            return cpp.run(x, r, w, None, norm, args, None, None, x, r)
     elif impl == "torch_ops":
         patch_fn = torch_patch(bank)
 
