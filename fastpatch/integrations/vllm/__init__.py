@@ -22,6 +22,9 @@ pass-throughs unless the engine's ``additional_config`` has a ``fastpatch`` sect
   configs; a config that finds no free row waits for a later step (see ``sae``).
 - the worker's ``load_model``: a last net that refuses the start if the runner loaded the model without
   fastpatch attaching.
+- ``LLMEngine.__init__`` / ``AsyncLLM.__init__`` and ``OutputProcessor._finish_request`` (front end):
+  the front end learns its engine (a governed engine's bridge starts there, see ``frontend``) and each
+  request's end (tokens, so the bridge can count them and free a version's slot).
 
 An installed vLLM outside :data:`TESTED_RANGE` gets a warning (once).
 
@@ -50,6 +53,8 @@ _INPUT_PROCESSOR = ("vllm.v1.engine.input_processor", "InputProcessor")
 _WORKER = ("vllm.v1.worker.gpu_worker", "Worker")  # the CPU worker subclasses it
 _SCHEDULER = ("vllm.v1.core.sched.scheduler", "Scheduler")  # AsyncScheduler subclasses it
 _SCHEDULER_METHODS = ("schedule", "_handle_blocked_waiting_request", "_free_request")
+_ENGINES = (("vllm.v1.engine.llm_engine", "LLMEngine"), ("vllm.v1.engine.async_llm", "AsyncLLM"))
+_OUTPUT = ("vllm.v1.engine.output_processor", "OutputProcessor")
 _PROBLEMS: dict = {}  # "module.Class.method" -> why it could not be wrapped (in this process)
 
 
@@ -72,6 +77,9 @@ def register() -> None:
 
     for method, wrap in zip(_SCHEDULER_METHODS, (sae.wrap_schedule, sae.wrap_handle_blocked, sae.wrap_free_request)):
         _hook(_SCHEDULER, method, wrap)
+    for where in _ENGINES:
+        _hook(where, "__init__", _wrap_engine_init)
+    _hook(_OUTPUT, "_finish_request", _wrap_finish_request)
     for module, cls_name in _RUNNERS.values():
         _hook((module, cls_name), "load_model", _wrap_runner_load_model)
 
@@ -151,6 +159,39 @@ def _checked_worker_load(worker) -> None:
                      f"{_RUNNERS['cpu'][0]}.{_RUNNERS['cpu'][1]} / {_RUNNERS['gpu'][0]}.{_RUNNERS['gpu'][1]})")
 
 
+def _wrap_engine_init(vanilla):
+    """LLMEngine / AsyncLLM __init__: tell the front end its engine (and the output processor its front end)."""
+
+    def __init__(self, *args, **kwargs):
+        vanilla(self, *args, **kwargs)
+        from .frontend import front_of
+
+        processor = getattr(self, "input_processor", None)
+        front = front_of(processor) if processor is not None else None
+        if front is not None:
+            output = getattr(self, "output_processor", None)
+            if output is not None:
+                output.__dict__["_fastpatch_front"] = front
+            front.bind(self)
+
+    return __init__
+
+
+def _wrap_finish_request(vanilla):
+    def _finish_request(self, req_state, *args, **kwargs):
+        result = vanilla(self, req_state, *args, **kwargs)
+        front = self.__dict__.get("_fastpatch_front")
+        if front is not None and front.resolver is not None:
+            ext = getattr(req_state, "external_req_id", None)
+            if ext is not None and ext not in self.external_req_ids:  # the last child of an n > 1 request
+                det = getattr(req_state, "detokenizer", None)
+                out = det.num_output_tokens() if det is not None else 0
+                front.finished(ext, int(getattr(req_state, "prompt_len", 0) or 0), int(out))
+        return result
+
+    return _finish_request
+
+
 def _wrap_config_post_init(vanilla):
     """VllmConfig.__post_init__: the earliest point that sees an engine's additional_config, in the
     process that starts the engine, before any worker process exists."""
@@ -188,6 +229,26 @@ def check_start(vllm_config) -> None:
     if problem is not None:
         raise refuse(problem)
     _check_saes(vllm_config)
+    if cfg.governed(vllm_config.additional_config[cfg.KEY]) is not None:
+        _check_governed(vllm_config)
+
+
+def _check_governed(vllm_config) -> None:
+    """An engine serving governed patch sets needs a registered bridge, the worker extension (versions are
+    loaded at run time) and the engine / output-processor hooks (the bridge's start, each request's end)."""
+    from .compat import refuse
+    from .frontend import bridge_factory
+
+    bridge_factory()
+    ext = getattr(getattr(vllm_config, "parallel_config", None), "worker_extension_cls", "")
+    if ext != f"{__name__}.WorkerExtension":
+        raise refuse(f"governed patch sets are loaded into the workers at run time: start the engine with "
+                     f"worker_extension_cls='{__name__}.WorkerExtension' (vllm serve: --worker-extension-cls), "
+                     f"not {ext!r}")
+    missing = [n for n in _PROBLEMS if n.startswith((_ENGINES[0][0], _ENGINES[1][0], _OUTPUT[0]))]
+    if missing:
+        raise refuse("governed patch sets need hooks this vLLM does not allow (" +
+                     "; ".join(f"{n}: {_PROBLEMS[n]}" for n in missing) + ")")
 
 
 def _refuse_without_front_end() -> None:
@@ -248,6 +309,7 @@ def load_patch(llm, name: str, path: str) -> int:
     front = front_of(_engine(llm).input_processor)
     if front is None:
         raise RuntimeError("fastpatch is not active in this engine: start it with additional_config={'fastpatch': ...}")
+    _not_governed(front)
     slots = llm.collective_rpc("fastpatch_load", args=(name, str(path)))
     front.loaded(name, str(path))
     return slots[0]
@@ -260,8 +322,15 @@ def unload_patch(llm, name: str) -> int:
     front = front_of(_engine(llm).input_processor)
     if front is None:
         raise RuntimeError("fastpatch is not active in this engine")
+    _not_governed(front)
     front.unloaded(name)
     return llm.collective_rpc("fastpatch_unload", args=(name,))[0]
+
+
+def _not_governed(front) -> None:
+    if front.governed is not None:
+        raise RuntimeError("this engine serves governed patch sets: its slots follow the store; change them through "
+                           "fastpatch.lifecycle.Governance (publish, canary, promote, abort, expire), not load_patch")
 
 
 def _check_saes(vllm_config) -> None:

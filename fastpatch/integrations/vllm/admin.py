@@ -55,6 +55,11 @@ class AdminEndpoints:
                 raise HTTPException(409, "fastpatch is not active in this engine (no 'fastpatch' additional_config)")
             return f
 
+        def ungoverned(f):
+            if f.governed is not None:  # one admin surface: the store's Governance decides what the slots hold
+                raise HTTPException(409, "this engine serves governed patch sets: change them through the "
+                                         "governance routes (/fastpatch/v1/...), not by loading files into slots")
+
         async def rpc(method, *args):
             try:
                 return (await self.engine.collective_rpc(method, args=args))[0]
@@ -71,6 +76,7 @@ class AdminEndpoints:
         async def put_patch(name: str, request: Request):
             authorise(request)
             f = front()
+            ungoverned(f)
             from .config import FastpatchConfigError, check_name
 
             try:
@@ -94,6 +100,7 @@ class AdminEndpoints:
         async def delete_patch(name: str, request: Request):
             authorise(request)
             f = front()
+            ungoverned(f)
             f.unloaded(name)
             slot = await rpc("fastpatch_unload", name)
             return JSONResponse({"name": name, "slot": slot})

@@ -12,7 +12,7 @@ from typing import Optional
 KEY = "fastpatch"  # the key in additional_config and in SamplingParams.extra_args
 NORM_MODES = ("exact", "fused")
 _OPTIONS = {"patches", "spare_slots", "max_rank", "sites", "norm", "backend", "force", "saes", "sae_slots",
-            "max_sae_features"}
+            "max_sae_features"} | {"store", "patch_sets", "poll_interval"}  # the last three: governed()
 SAE_SLOTS = 16  # default rows for per-request SAE feature configs
 MAX_SAE_FEATURES = 64  # default bound on the features one request edits
 
@@ -150,3 +150,44 @@ def check_name(name) -> str:
         raise FastpatchConfigError(
             f"fastpatch patch names are non-empty printable strings (<= 128 chars), got {name!r}")
     return name
+
+
+@dataclass(frozen=True)
+class Governed:
+    """Governed patch sets: ``store`` (a folder or a ``postgresql://`` URL) and the ``patch_sets`` of it this
+    engine serves. A request names a set (``extra_args={"fastpatch": {"set": ..., "key": ..., "labels": ...}}``)
+    and the bridge registered with :func:`~.frontend.register_bridge` resolves it to a slot; the versions live
+    in the spare slots. ``poll_interval``: seconds between the bridge's looks at the store."""
+
+    store: str
+    patch_sets: tuple
+    poll_interval: float = 1.0
+
+
+def governed(raw) -> Optional[Governed]:
+    """The governed-sets options of a fastpatch section (None without ``store``), checked."""
+    if not isinstance(raw, dict):
+        return None
+    store, sets, poll = raw.get("store"), raw.get("patch_sets"), raw.get("poll_interval", 1.0)
+    if store is None:
+        if sets is not None or "poll_interval" in raw:
+            raise FastpatchConfigError("additional_config['fastpatch']: 'patch_sets' / 'poll_interval' need 'store' "
+                                       "(the patch store the sets live in: a folder or a postgresql:// URL)")
+        return None
+    if not isinstance(store, str) or not store:
+        raise FastpatchConfigError(f"fastpatch store must be a folder or a postgresql:// URL string, got {store!r}")
+    if (not isinstance(sets, (list, tuple)) or not sets or not all(isinstance(s, str) and s for s in sets)
+            or len(set(sets)) != len(sets)):
+        raise FastpatchConfigError("fastpatch patch_sets must be a non-empty list of distinct patch set names (the "
+                                   f"sets of the store this engine serves), got {sets!r}")
+    spare = raw.get("spare_slots", 0)
+    if not isinstance(spare, int) or isinstance(spare, bool) or spare < 1:
+        raise FastpatchConfigError("fastpatch: governed patch sets are loaded into spare slots; set spare_slots >= 1 "
+                                   "(one per version that can be live at once: the stable one plus each arm, plus "
+                                   "the versions requests in flight still hold)")
+    if raw.get("sites") is None:
+        raise FastpatchConfigError("fastpatch: with a store, list the 'sites' the sets' versions may patch (or "
+                                   "'all'): the banks are fixed when the engine starts, the versions come later")
+    if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0 <= poll <= 3600:
+        raise FastpatchConfigError(f"fastpatch poll_interval must be a number of seconds in 0..3600, got {poll!r}")
+    return Governed(store, tuple(sets), float(poll))

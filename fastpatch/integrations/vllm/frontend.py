@@ -4,9 +4,26 @@ Runs in vLLM's ``InputProcessor`` before a request reaches the engine, so an unk
 ``VLLMValidationError`` (HTTP 400 on the server) and never a silently unpatched generation. The request's
 ``cache_salt`` gets the patch's name and file digest: vLLM's prefix cache hashes the salt into the first
 block, so patched and unpatched requests (or two versions of one patch) never share KV blocks.
+
+Governed patch sets (the section has ``store`` and ``patch_sets``, :func:`.config.governed`): a request's
+section is then a dict (``{"set": ..., "key": ..., "labels": ..., "patch": ...}``) that a *bridge* resolves.
+This package only offers the extension point; the bridge lives in a layer above (it needs the store and the
+rollout), registers a factory with :func:`register_bridge`, and the engine refuses to start without one.
+When the engine object exists (``LLMEngine`` / ``AsyncLLM`` ``__init__``), :meth:`FrontEnd.bind` calls
+``factory(front, engine, governed)``, which returns the resolver:
+
+- ``resolver.resolve(request_id, section) -> Optional[str]``: the slot name the request is served with (a
+  loaded one, kept loaded until the request ends) or None (served unpatched on purpose: the request's
+  choice is "no patch"); ValueError / KeyError for a request it refuses (HTTP 400, nothing runs);
+- ``resolver.released(request_id)``: the request will not run after all (a later check refused it);
+- ``resolver.finished(request_id, prompt_tokens, output_tokens)``: the request ended (output processor).
+
+The resolver loads slot contents with the engine's ``collective_rpc("fastpatch_load", name, path)`` (the
+worker extension) and tells the front end with :meth:`FrontEnd.loaded` / :meth:`FrontEnd.unloaded`.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Optional
 
@@ -15,14 +32,62 @@ from . import sae as sae_req
 from .slots import file_digest
 
 
+_BRIDGES: dict = {}  # name -> factory(front, engine, governed) -> resolver (see the module docstring)
+
+
+def register_bridge(name: str, factory) -> None:
+    """Register the factory of the resolver that serves governed patch sets (idempotent per name)."""
+    _BRIDGES[name] = factory
+
+
+def bridge_factory():
+    """The registered bridge factory; FastpatchStartError naming the fix when there is none."""
+    if not _BRIDGES:
+        from .compat import refuse
+
+        raise refuse("additional_config['fastpatch'] names a 'store' and 'patch_sets', but no bridge that serves "
+                     "governed patch sets is registered in this process: install fastpatch with its entry points "
+                     "(pip install -e .: vllm.general_plugins 'fastpatch_governed') and, if VLLM_PLUGINS is set, "
+                     "add fastpatch_governed to it")
+    return _BRIDGES[sorted(_BRIDGES)[0]]
+
+
+def live_request_ids(engine) -> Optional[set]:
+    """The external ids of the requests the engine's output processor still tracks (None if unreadable)."""
+    tracked = getattr(getattr(engine, "output_processor", None), "external_req_ids", None)
+    for _ in range(3):  # the event loop may change it while another thread copies it
+        try:
+            return set(tracked) if tracked is not None else None
+        except RuntimeError:
+            continue
+    return None
+
+
 class FrontEnd:
     """The allowlist of patch names (declared + loaded at run time) and their cache salts."""
 
-    def __init__(self, conf: cfg.PluginConfig):
+    def __init__(self, conf: cfg.PluginConfig, governed=None):
         self.conf = conf
+        self.governed = governed  # config.Governed or None
+        self.resolver = None
+        self.engine = None
         self.lock = threading.Lock()
         self.salts = {name: _salt(name, file_digest(path)) for name, path in conf.patches.items()}
         self.saes = sae_req.load_all(conf) if conf.saes else {}  # name -> (SAE, digest of its files)
+
+    def bind(self, engine) -> None:
+        """The engine this front end feeds (LLMEngine / AsyncLLM): governed sets get their resolver now."""
+        self.engine = engine
+        if self.governed is not None and self.resolver is None:
+            self.resolver = bridge_factory()(self, engine, self.governed)
+
+    def finished(self, request_id: str, prompt_tokens: int, output_tokens: int) -> None:
+        if self.resolver is not None:
+            try:
+                self.resolver.finished(request_id, prompt_tokens, output_tokens)
+            except Exception:  # noqa: BLE001 - never break vLLM's output loop; the bridge's own state is at fault
+                logging.getLogger("fastpatch.vllm").exception("fastpatch: the bridge failed on request %s's end",
+                                                              request_id)
 
     def check(self, params) -> Optional[str]:
         """The patch name a request asks for (None: none); VLLMValidationError for a bad one."""
@@ -60,7 +125,7 @@ def front_of(processor) -> Optional[FrontEnd]:
     front = processor.__dict__.get("_fastpatch_front", False)
     if front is False:
         raw = cfg.section(processor.vllm_config.additional_config)
-        front = None if raw is None else FrontEnd(cfg.parse(raw))
+        front = None if raw is None else FrontEnd(cfg.parse(raw), cfg.governed(raw))
         processor.__dict__["_fastpatch_front"] = front
     return front
 
@@ -80,9 +145,19 @@ def wrap_process_inputs(vanilla):
                     f"fastpatch: the request names patch {extra[cfg.KEY]!r}, but this engine was started without "
                     "additional_config['fastpatch']", parameter=cfg.KEY, value=extra[cfg.KEY])
             return vanilla(self, request_id, prompt, params, *args, **kwargs)
+        params = _json_section(params)  # the server's vllm_xargs carry no dicts: a section may come as JSON text
         params, sae_salt = _sae_params(front, params)  # an SAE feature config: checked, made canonical
-        salt = front.check(params)
-        request = vanilla(self, request_id, prompt, params, *args, **kwargs)
+        extra = getattr(params, "extra_args", None)
+        resolved = extra is not None and isinstance(extra.get(cfg.KEY), dict)
+        if resolved:
+            params = _resolve(front, request_id, params)
+        try:
+            salt = front.check(params)
+            request = vanilla(self, request_id, prompt, params, *args, **kwargs)
+        except BaseException:
+            if resolved:
+                front.resolver.released(request_id)
+            raise
         if salt is not None:
             request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
         if sae_salt is not None:
@@ -92,6 +167,52 @@ def wrap_process_inputs(vanilla):
     process_inputs._fastpatch_wrapped = True
     process_inputs.__wrapped__ = vanilla
     return process_inputs
+
+
+def _json_section(params):
+    """A section given as JSON text (``vllm_xargs={"fastpatch": '{"set": "tone", "key": "u1"}'}``: the OpenAI
+    server's ``vllm_xargs`` take strings, numbers and lists only) becomes the dict, in a copy of the params."""
+    extra = getattr(params, "extra_args", None)
+    value = extra.get(cfg.KEY) if extra else None
+    if not isinstance(value, str) or not value.lstrip().startswith("{"):
+        return params
+    import json
+
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        section = json.loads(value)
+    except ValueError as exc:
+        raise VLLMValidationError(f"fastpatch: the section is not valid JSON ({exc})", parameter=cfg.KEY,
+                                  value=value) from None
+    if not isinstance(section, dict):
+        raise VLLMValidationError("fastpatch: a JSON section must be an object", parameter=cfg.KEY, value=value)
+    params = params.clone()
+    params.extra_args = dict(extra, **{cfg.KEY: section})
+    return params
+
+
+def _resolve(front: FrontEnd, request_id: str, params):
+    """A governed request: the bridge picks the slot; the params the engine sees name it (a copy: the caller's
+    SamplingParams may be shared by several prompts). Unpatched on purpose: the fastpatch key is dropped."""
+    from vllm.exceptions import VLLMValidationError
+
+    section = params.extra_args[cfg.KEY]
+    if front.resolver is None:
+        raise VLLMValidationError(f"fastpatch: the request names patch set {section.get('set')!r}, but this engine "
+                                  "serves no governed patch sets (start it with 'store' and 'patch_sets')",
+                                  parameter=cfg.KEY, value=section)
+    try:
+        name = front.resolver.resolve(request_id, section)
+    except (ValueError, KeyError) as exc:
+        raise VLLMValidationError(f"fastpatch: {exc.args[0] if exc.args else exc}", parameter=cfg.KEY,
+                                  value=section) from None
+    params = params.clone()
+    rest = {k: v for k, v in params.extra_args.items() if k != cfg.KEY}
+    if name is not None:
+        rest[cfg.KEY] = name
+    params.extra_args = rest or None
+    return params
 
 
 def _sae_params(front: FrontEnd, params):
