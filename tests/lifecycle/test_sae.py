@@ -14,14 +14,12 @@ import torch
 
 import fastpatch as fp
 from models import tiny_model
+from sae_lens_util import import_sae_lens
 
 D, DSAE = 64, 32
 SITE, HOOK = "layers.0.resid_post", "blocks.0.hook_resid_post"
 MARGIN = 0.05  # no token's JumpReLU pre-activation lies closer than this to its threshold
 ATOL = 2e-5
-# sae-lens's own requirements pull transformer-lens, datasets, wandb, ...: it is installed with --no-deps plus the
-# few modules its import needs (the install lines are in the report of issue #17 item 2)
-NO_SAELENS = "SAELens (the oracle of these tests) is not installed: pip install --no-deps sae-lens + its import deps"
 
 
 def _ids():
@@ -253,7 +251,7 @@ def test_saelens_cfg_refusals_without_sae_lens(tmp_path):
 @pytest.fixture(scope="module")
 def saes(tmp_path_factory, model):
     """SAELens standard and JumpReLU SAEs (random weights, b_dec ≠ 0) written with SAELens' save_model."""
-    sl = pytest.importorskip("sae_lens", reason=NO_SAELENS)
+    sl = import_sae_lens()
     from sae_lens.saes.sae import SAEMetadata
 
     root = tmp_path_factory.mktemp("saes")
@@ -377,7 +375,7 @@ def test_top_features_per_token(saes, model):
 
 
 def test_topk_saelens_steer_and_encode(tmp_path, model):
-    sl = pytest.importorskip("sae_lens", reason=NO_SAELENS)
+    sl = import_sae_lens()
     from sae_lens.saes.sae import SAEMetadata
 
     for rescale in (False, True):
@@ -404,7 +402,7 @@ def test_topk_saelens_steer_and_encode(tmp_path, model):
 
 
 def test_saelens_refuses_what_saelens_writes_with_normalization(tmp_path):
-    sl = pytest.importorskip("sae_lens", reason=NO_SAELENS)
+    sl = import_sae_lens()
     from sae_lens.saes.sae import SAEMetadata
 
     s = sl.StandardSAE(sl.StandardSAEConfig(d_in=D, d_sae=DSAE, normalize_activations="layer_norm",
