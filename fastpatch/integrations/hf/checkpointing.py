@@ -150,8 +150,8 @@ class StepCheckpoint:
         self.engine, self.inner = engine, inner
 
     def __call__(self, function, *args, **kwargs):
-        tls = self.engine._tls
-        step = getattr(tls, "step", None)
+        engine = self.engine
+        step = engine.active()
         if step is None:  # layer called outside a base-model forward: the default step both times
             return self.inner(function, *args, **kwargs)
         at_entry = _copy_step(step)
@@ -161,14 +161,13 @@ class StepCheckpoint:
             calls[0] += 1
             if calls[0] == 1:
                 return function(*a, **k)
-            prev = getattr(tls, "step", None)
-            tls.step = _copy_step(at_entry)  # a fresh copy per recompute (backward may run twice)
-            _local.depth = getattr(_local, "depth", 0) + 1
-            try:
-                return function(*a, **k)
-            finally:
-                _local.depth -= 1
-                tls.step = prev
+            # a fresh copy per recompute (backward may run twice)
+            with engine.running(_copy_step(at_entry)):
+                _local.depth = getattr(_local, "depth", 0) + 1
+                try:
+                    return function(*a, **k)
+                finally:
+                    _local.depth -= 1
 
         return self.inner(run, *args, **kwargs)
 

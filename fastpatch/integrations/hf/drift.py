@@ -133,7 +133,6 @@ def check_pre(engine: Engine, captured: dict) -> None:
     info, spec = engine.info, engine.info.spec
     empty = build_plan(info, {}, False)
     g = torch.Generator(device="cpu").manual_seed(0)
-    tls = engine._tls
     for cls, (i, args, kwargs) in captured.items():
         block = info.layers[i]
         h0 = args[0] if args else kwargs.get("hidden_states")
@@ -141,21 +140,17 @@ def check_pre(engine: Engine, captured: dict) -> None:
         rest_args = args[1:] if args else ()
         kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         step = Step(empty)
-        prev = getattr(tls, "step", None)
         with torch.no_grad(), _Eval([block]):
             ref = type(block).forward(block, x.clone(), *rest_args, **kw)
-            tls.step = step
-            try:
+            with engine.running(step):
                 got = block.forward(x.clone(), *rest_args, **kw)
-            finally:
-                tls.step = prev
             name = f"{cls.__module__}.{cls.__qualname__}"
             _compare(got, ref, name, h0.dtype)
             st = step.stash
             if st is not None:  # the next layer's (or the final) norm, fused into this layer's last add
                 nxt = get_path(info.layers[i + 1], spec.ln1) if i + 1 < info.num_layers else info.final_norm()
                 ncls = type(nxt)
-                _compare(st[1], ncls.forward(nxt, _first(ref)),
+                _compare(st.normed, ncls.forward(nxt, _first(ref)),
                          f"{ncls.__module__}.{ncls.__qualname__} (fused into {cls.__qualname__})", h0.dtype)
 
 
@@ -164,7 +159,6 @@ def check_post(engine: Engine) -> None:
     info, spec = engine.info, engine.info.spec
     empty = build_plan(info, {}, False)
     g = torch.Generator(device="cpu").manual_seed(0)
-    tls = engine._tls
     D = info.hidden_size
 
     def rand(*shape):
@@ -178,23 +172,19 @@ def check_post(engine: Engine) -> None:
             checks.append((m, (rand(1, _TOKENS, m.dense.in_features), rand(1, _TOKENS, D))))
     emb_ln = get_path(info.base, spec.embed_norm)
     checks.append((emb_ln, (rand(1, _TOKENS, D),)))
-    prev = getattr(tls, "step", None)
     for m, inputs in checks:
         cls = type(m)
         with torch.no_grad(), _Eval([m]):
             ref = cls.forward(m, *inputs)
-            tls.step = Step(empty)
-            try:
+            with engine.running(Step(empty)):
                 got = m.forward(*inputs)
-            finally:
-                tls.step = prev
         _compare(got, ref, f"{cls.__module__}.{cls.__qualname__}", info.dtype)
 
 
 class _Probe:
     """The state :func:`check_recompute` changes, restored on exit: parameters frozen (no ``.grad`` of the
     user's is created or touched), the probed blocks in training mode with every submodule in eval (no
-    dropout: the user's RNG stream is not consumed), the engine's probe list, fusion counters and step."""
+    dropout: the user's RNG stream is not consumed), the engine's probe list and fusion counters."""
 
     def __init__(self, engine, blocks):
         self.engine = engine
@@ -204,7 +194,7 @@ class _Probe:
 
     def __enter__(self):
         e = self.engine
-        self.saved = (e.fusion_hits, e.fusion_misses, getattr(e._tls, "step", None))
+        self.saved = (e.fusion_hits, e.fusion_misses)
         for p in self.frozen:
             p.requires_grad_(False)
         for m, _ in self.modes:
@@ -217,7 +207,7 @@ class _Probe:
     def __exit__(self, *exc):
         e = self.engine
         e.probe = None
-        e.fusion_hits, e.fusion_misses, e._tls.step = self.saved
+        e.fusion_hits, e.fusion_misses = self.saved
         for m, mode in self.modes:
             m.training = mode
         for p in self.frozen:
@@ -249,14 +239,14 @@ def check_recompute(engine: Engine, captured: dict) -> None:
             h0 = args[0] if args else kwargs.get("hidden_states")
             x = torch.randn(h0.shape, generator=g).to(device=h0.device, dtype=h0.dtype).requires_grad_()
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            engine._tls.step = Step(empty)
             # engine.probe is shared by all threads (a CUDA backward recomputes on the device's thread):
             # the check assumes nothing else runs this model meanwhile, as apply / a training step does
             del engine.probe[:]
-            out = block(x, *args[1:], **kw)
-            forward_runs = len(engine.probe)
-            _first(out).float().sum().backward()
-            backward_runs = len(engine.probe) - forward_runs
+            with engine.running(Step(empty)):
+                out = block(x, *args[1:], **kw)
+                forward_runs = len(engine.probe)
+                _first(out).float().sum().backward()
+                backward_runs = len(engine.probe) - forward_runs
             if forward_runs != 1 or backward_runs != 1:
                 raise CheckpointingMismatchError(_recompute_message(cls, forward_runs, backward_runs))
 

@@ -2,8 +2,13 @@
 scopes, CAST decisions, swap/pinned and fire counts.
 
 Per forward of the base model (one pre-hook), :meth:`Engine.begin` builds a :class:`Step`: for
-every patched site a slot ``(bank, index, fire_counts, entry)`` or None (nothing to do this step).
+every patched site a :class:`Slot` ``(bank, index, fire, entry)`` or None (nothing to do this step).
 Layers only read ``step.slots[k]``; no validation, no host sync happens per layer.
+
+The step lives in the engine's thread-local state, with the calling thread's ``using`` ids, pinned
+plan and ``generate`` mark; other modules reach it only through :class:`Engine` methods
+(:meth:`~Engine.current`, :meth:`~Engine.active`, :meth:`~Engine.running`, :meth:`~Engine.using`,
+:meth:`~Engine.generating`, :meth:`~Engine.pinned`).
 """
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ import inspect
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Optional
+from functools import partial
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -59,6 +65,42 @@ class Entry:
         return cps
 
 
+class Slot(NamedTuple):
+    """One patched site's work in one step."""
+
+    bank: PatchBank
+    index: Optional[torch.Tensor]  # int32 patch id per row (-1: no patch), or None: patch 0 on every row
+    fire: Optional[torch.Tensor]  # int32 fire count per patch, or None (not counted)
+    entry: Entry
+
+
+# Slot((bank, index, fire, entry)) without namedtuple's Python-level ``__new__`` (per site per forward)
+_new_slot = partial(tuple.__new__, Slot)
+
+
+class Pending(NamedTuple):
+    """A CAST-conditioned site waiting for its condition's decision (its slot is filled by
+    :meth:`Engine.decide`)."""
+
+    entry: Entry
+    index: Optional[torch.Tensor]  # the scope's index, before the decision gates it
+
+
+class _IdsMemo(NamedTuple):
+    """``select`` ids expanded to the batch ``generate`` runs (:meth:`Engine._expanded`)."""
+
+    ids: torch.Tensor
+    rows: int
+    expanded: torch.Tensor
+
+
+class _DecodeIndex(NamedTuple):
+    """A decode step's index for a (batch, length), kept while the ids it was made from stay the same."""
+
+    ids: Optional[torch.Tensor]
+    index: Optional[torch.Tensor]
+
+
 class Plan:
     """A validated, immutable site → patch mapping for one model (swap replaces it as a whole)."""
 
@@ -67,9 +109,9 @@ class Plan:
         self.entries = entries
         self.mapping = mapping
         self.by_key = {e.key: e for e in entries}
-        self.pre_slot = self._slot(("pre", 0))
-        self.mid_slot = [self._slot(("mid", i)) for i in range(L)]
-        self.post_slot = [self._slot(("post", i)) for i in range(L)]
+        self.pre_slot = self.slot(("pre", 0))
+        self.mid_slot = [self.slot(("mid", i)) for i in range(L)]
+        self.post_slot = [self.slot(("post", i)) for i in range(L)]
         self.conditions = []
         for e in entries:
             if e.condition is not None and all(e.condition is not c for c in self.conditions):
@@ -81,7 +123,8 @@ class Plan:
         self.min_patches = min((e.num_patches for e in entries), default=0)
         self.needs_select = any(e.num_patches > 1 for e in entries)
 
-    def _slot(self, key) -> int:
+    def slot(self, key) -> int:
+        """The index in ``Step.slots`` of the site ``key`` (``("mid", 3)``), or -1 where nothing is patched."""
         e = self.by_key.get(key)
         return -1 if e is None else e.slot
 
@@ -161,7 +204,9 @@ def build_plan(info: ModelInfo, patches: dict, count_fires: bool) -> Plan:
 
 
 class Step:
-    """Per-forward state (thread-local): slots, the stash of the next layer's normed input, decisions."""
+    """Per-forward state (thread-local): slots (:class:`Slot` or None per plan entry), the stash of the next
+    layer's normed input (``fused.Stash`` or None), CAST decisions and the sites still waiting for one
+    (:class:`Pending`), the hooks' kept residuals (``res``), the step this one interrupted (``prev``)."""
 
     __slots__ = ("plan", "ids", "slots", "stash", "prompt", "real", "B", "S", "base_ids", "decisions", "pending",
                  "cache", "prev", "res")
@@ -196,17 +241,79 @@ class Engine:
         # it (see fused.py); plain ints, not updated inside torch.compile'd regions.
         self.fusion_hits = 0
         self.fusion_misses = 0
-        self._expand_memo = None  # (ids, B, ids expanded to B rows)
+        self._expand_memo = None  # _IdsMemo
         self.removed = False  # set by handle.remove(): fused forwards still reachable pass through
         self.probe = None  # a list while drift.check_recompute counts fused layer forward runs
         self.recompute_check = None  # set by apply: drift.check_recompute for checkpointing.py
 
-    # --- per forward -------------------------------------------------------------------------
+    # --- the calling thread's state ----------------------------------------------------------
     def current(self) -> Step:
+        """The calling thread's step, or the default step for layers called outside a base-model forward."""
         step = getattr(self._tls, "step", None)
         if step is None:
             return self._default_step()
         return step
+
+    def active(self) -> Optional[Step]:
+        """The calling thread's step; None outside a base-model forward."""
+        return getattr(self._tls, "step", None)
+
+    @contextmanager
+    def running(self, step: Optional[Step]):
+        """``step`` is the calling thread's step inside the block (the one before it is back after)."""
+        prev = getattr(self._tls, "step", None)
+        self._tls.step = step
+        try:
+            yield step
+        finally:
+            self._tls.step = prev
+
+    @contextmanager
+    def using(self, ids):
+        """Checked ``ids`` (:meth:`check_ids`) for the calling thread's forwards inside the block, ahead of
+        :meth:`select`'s (``handle.using``); nested blocks restore the outer ids."""
+        prev = getattr(self._tls, "ids", None)
+        self._tls.ids = ids
+        try:
+            yield ids
+        finally:
+            self._tls.ids = prev
+
+    @contextmanager
+    def generating(self):
+        """The calling thread is inside ``generate``: batches may be expanded copies of the selected
+        sequences (:meth:`_expanded`)."""
+        prev = getattr(self._tls, "generating", False)
+        self._tls.generating = True
+        try:
+            yield
+        finally:
+            self._tls.generating = prev
+
+    @contextmanager
+    def pinned(self):
+        """The calling thread's forwards use the plan active at entry for the whole block."""
+        prev = getattr(self._tls, "pinned", None)
+        self._tls.pinned = prev or self.plan
+        try:
+            yield self._tls.pinned
+        finally:
+            self._tls.pinned = prev
+
+    # --- shared state ---------------------------------------------------------------------------
+    def select(self, ids) -> None:
+        """Patch ids for every thread's forwards (checked here); None resets."""
+        self.ids = self.check_ids(ids, self.plan)
+        self._decode_cache = {}
+
+    def swap(self, plan: Plan) -> None:
+        """Make a validated ``plan`` the active one, in one assignment (the selected ids must fit it)."""
+        if self.ids is not None:
+            self.check_ids(self.ids, plan)
+        self._decode_cache = {}
+        self.plan = plan
+
+    # --- per forward -------------------------------------------------------------------------
 
     def _default_step(self) -> Step:
         """For layers called outside a base-model forward: unscoped, unconditioned, unselected only."""
@@ -216,7 +323,7 @@ class Engine:
             step = Step(plan)
             for e in plan.entries:
                 if e.scope.kind == "all" and e.condition is None and e.num_patches == 1:
-                    step.slots[e.slot] = (e.bank, None, e.fire, e)
+                    step.slots[e.slot] = Slot(e.bank, None, e.fire, e)
             self._default_steps = {id(plan): step}
         return step
 
@@ -272,10 +379,10 @@ class Engine:
                 if dec is None:
                     if step.pending is None:
                         step.pending = []
-                    step.pending.append((e, idx))
+                    step.pending.append(Pending(e, idx))
                     continue
                 idx = self._gate_index(idx, dec, step, device)
-            step.slots[e.slot] = (e.bank, idx, e.fire, e)
+            step.slots[e.slot] = _new_slot((e.bank, idx, e.fire, e))
         return step
 
     def _expanded(self, ids, B: int):
@@ -290,11 +397,11 @@ class Engine:
             raise ValueError(f"handle.select() was given ids for a batch of {n}, the model is running a "
                              f"batch of {B}" + ("" if B % n else " outside generate() (inside generate, "
                                                 "num_return_sequences / num_beams copies follow the ids)"))
-        hit = self._expand_memo
-        if hit is not None and hit[0] is ids and hit[1] == B:
-            return hit[2]
+        memo = self._expand_memo
+        if memo is not None and memo.ids is ids and memo.rows == B:
+            return memo.expanded
         out = ids.repeat_interleave(B // n, dim=0)
-        self._expand_memo = (ids, B, out)  # same object every step: the decode index cache keeps hitting
+        self._expand_memo = _IdsMemo(ids, B, out)  # same object every step: the decode index cache keeps hitting
         return out
 
     def end(self, output=None) -> None:
@@ -341,8 +448,8 @@ class Engine:
             m = None
             key = (step.B, step.S)
             hit = self._decode_cache.get(key)
-            if hit is not None and hit[0] is step.ids:
-                return hit[1]
+            if hit is not None and hit.ids is step.ids:
+                return hit.index
         base = self._base(step, device)
         if m is None and base is None:
             idx = None
@@ -352,7 +459,7 @@ class Engine:
             src = base if base is not None else torch.zeros((), dtype=torch.int32, device=device)
             idx = torch.where(m, src, torch.full((), -1, dtype=torch.int32, device=device)).reshape(-1).contiguous()
         if not step.prompt:
-            self._decode_cache[(step.B, step.S)] = (step.ids, idx)
+            self._decode_cache[(step.B, step.S)] = _DecodeIndex(step.ids, idx)
         return idx
 
     def _gate_index(self, idx, decision, step: Step, device):
@@ -370,12 +477,13 @@ class Engine:
             if c not in step.decisions:
                 step.decisions[c] = c.decide(h3, step.real)
         waiting, step.pending = step.pending, None
-        for e, idx in waiting:
+        for p in waiting:
+            e = p.entry
             dec = step.decisions.get(e.condition)
             if dec is None:
-                step.pending = (step.pending or []) + [(e, idx)]
+                step.pending = (step.pending or []) + [p]
                 continue
-            step.slots[e.slot] = (e.bank, self._gate_index(idx, dec, step, h.device), e.fire, e)
+            step.slots[e.slot] = Slot(e.bank, self._gate_index(p.index, dec, step, h.device), e.fire, e)
 
     # --- handle operations -------------------------------------------------------------------
     def check_ids(self, ids, plan: Plan):
@@ -395,15 +503,6 @@ class Engine:
             raise ValueError(f"select ids must lie in [-1, {plan.min_patches}) (-1 = no patch; the smallest "
                              f"bank at a patched site has {plan.min_patches} patches), got min {lo}, max {hi}")
         return ids.to(device=self.info.device, dtype=torch.int32).contiguous()
-
-    @contextmanager
-    def pinned(self):
-        prev = getattr(self._tls, "pinned", None)
-        self._tls.pinned = prev or self.plan
-        try:
-            yield self._tls.pinned
-        finally:
-            self._tls.pinned = prev
 
 
 def param_names(fn, skip_first: int = 1) -> tuple:

@@ -33,8 +33,7 @@ class Handle:
 
         Validated here (one host read of min/max), then only device tensors are used per step.
         """
-        self.engine.ids = self.engine.check_ids(ids, self.engine.plan)
-        self.engine._decode_cache = {}
+        self.engine.select(ids)
         return self
 
     @contextmanager
@@ -42,26 +41,15 @@ class Handle:
         """``with handle.using(ids): model(...)``: like :meth:`select`, but only for forwards of the calling
         thread inside the block, so concurrent requests (one thread each) choose their patches without
         serialising on the handle. Nested blocks restore the outer ids on exit."""
-        checked = self.engine.check_ids(ids, self.engine.plan)
-        tls = self.engine._tls
-        prev = getattr(tls, "ids", None)
-        tls.ids = checked
-        try:
+        with self.engine.using(self.engine.check_ids(ids, self.engine.plan)):
             yield self
-        finally:
-            tls.ids = prev
 
     # -- versions -----------------------------------------------------------------------------
     def swap(self, patches: dict) -> "Handle":
         """Validate a new site → patch mapping fully, then make it active in one assignment."""
         self._check_alive()
-        plan = build_plan(self.engine.info, patches, self.engine.count_fires)
-        if self.engine.ids is not None:
-            self.engine.check_ids(self.engine.ids, plan)
-        elif plan.needs_select:
-            pass  # forwards will ask for select(); swapping itself is fine
-        self.engine._decode_cache = {}
-        self.engine.plan = plan
+        # a plan that needs select() while none is made is fine: its forwards will ask for select()
+        self.engine.swap(build_plan(self.engine.info, patches, self.engine.count_fires))
         return self
 
     def pinned(self):
@@ -182,18 +170,14 @@ class _GenerateMark:
     """Wraps ``model.generate`` (an instance attribute, removed with the handle) so that the engine
     knows, per thread, that the batch may be expanded (num_return_sequences, beams)."""
 
-    def __init__(self, model, tls):
-        self.model, self.tls = model, tls
+    def __init__(self, model, engine: Engine):
+        self.model, self.engine = model, engine
         self.previous = model.__dict__.get("generate")  # an instance-level generate someone else set
         self.inner = getattr(model, "generate")
 
         def generate(*args, **kwargs):
-            prev = getattr(tls, "generating", False)
-            tls.generating = True
-            try:
+            with engine.generating():
                 return self.inner(*args, **kwargs)
-            finally:
-                tls.generating = prev
 
         generate.__doc__ = getattr(self.inner, "__doc__", None)
         generate.__wrapped__ = self.inner
@@ -211,7 +195,7 @@ class _GenerateMark:
 
 def _mark_generate(handle: Handle) -> None:
     if callable(getattr(handle.model, "generate", None)):
-        handle._hooks.append(_GenerateMark(handle.model, handle.engine._tls))
+        handle._hooks.append(_GenerateMark(handle.model, handle.engine))
 
 
 def check_not_patched(model):

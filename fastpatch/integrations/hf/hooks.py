@@ -64,10 +64,10 @@ def patch_rows(step, slot: int, h: torch.Tensor) -> torch.Tensor:
     s = step.slots[slot] if slot >= 0 else None
     if s is None:
         return h
-    bank, idx, fire, entry = s
+    idx, fire = s.index, s.fire
     shape = h.shape
     flat = h.reshape(-1, shape[-1])
-    cps = entry.canonical(h.dtype, h.device)
+    cps = s.entry.canonical(h.dtype, h.device)
     if idx is None:
         out = cps[0].apply(flat)
         if fire is not None:
@@ -108,12 +108,8 @@ def _replace_first(args, kwargs, value, name="hidden_states"):
 def _install(handle: Handle) -> None:
     engine = handle.engine
     info, spec = engine.info, engine.info.spec
-    tls = engine._tls
     hooks = handle._hooks
-    current = engine.current
-
-    def step_now():
-        return getattr(tls, "step", None) or current()
+    step_now = engine.current
 
     if spec.style == "post":
         def ln_hook(slot_of, key):
