@@ -68,6 +68,68 @@ class PgServer:
         return f"postgresql://postgres@/{dbname}?host={self.sock}"
 
 
+class PgUnavailable(RuntimeError):
+    """PostgreSQL cannot run here (no binaries, no psycopg, root without a ``postgres`` user): the reason."""
+
+
+def start_server(prefix: str = "fp-pg-") -> PgServer:
+    """Start a throwaway PostgreSQL server in a new temporary directory (unix socket only). Raises
+    PgUnavailable (with the reason and the fix) when it cannot run here, RuntimeError when initdb or pg_ctl
+    fail. Stop it with :func:`stop_server`. Used by the ``pg_server`` fixture and by scripts
+    (benchmarks/load_vllm_governed.py)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise PgUnavailable('PostgreSQL store tests need psycopg 3: pip install "psycopg[binary]"') from None
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        raise PgUnavailable("PostgreSQL store tests need the server binaries (initdb, pg_ctl): apt-get install -y "
+                            "postgresql (Debian: /usr/lib/postgresql/*/bin), or set FASTPATCH_PG_BIN to their "
+                            f"folder (now {os.environ.get('FASTPATCH_PG_BIN')!r})")
+    as_user = None
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None:
+            raise PgUnavailable("running as root: PostgreSQL must run as another user, and runuser is missing")
+        try:
+            import pwd
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            raise PgUnavailable("running as root and there is no 'postgres' system user to run the server as "
+                                "(apt-get install -y postgresql creates it)") from None
+        as_user = "postgres"
+    base = Path(tempfile.mkdtemp(prefix=prefix))  # short: a unix socket path is at most 107 bytes
+    (base / "sock").mkdir()
+    if as_user:
+        for p in (base, base / "sock"):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        os.chmod(base, 0o755)
+    server = PgServer(bin_dir, base, as_user)
+    try:
+        server.init()
+        server.start()
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    return server
+
+
+def stop_server(server: PgServer) -> None:
+    """Stop a server from :func:`start_server` and remove its directory (data, socket, log)."""
+    try:
+        server.stop()
+    finally:
+        shutil.rmtree(server.base, ignore_errors=True)
+
+
+def create_database(server: PgServer, name: str) -> str:
+    """CREATE DATABASE ``name`` on ``server``; its ``postgresql://`` URL."""
+    import psycopg
+
+    with psycopg.connect(server.url(), autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    return server.url(name)
+
+
 def _unavailable(reason: str):
     """Skip, or fail where the environment promises PostgreSQL (CI sets FASTPATCH_REQUIRE_PG=1, so a
     missing install step fails loudly instead of turning these tests into skips)."""
@@ -80,39 +142,13 @@ def _unavailable(reason: str):
 def pg_server():
     """The session's PostgreSQL server (skips with the reason when the binaries or psycopg are missing)."""
     try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        _unavailable('PostgreSQL store tests need psycopg 3: pip install "psycopg[binary]"')
-    bin_dir = _bin_dir()
-    if bin_dir is None:
-        _unavailable("PostgreSQL store tests need the server binaries (initdb, pg_ctl): apt-get install -y "
-                    "postgresql (Debian: /usr/lib/postgresql/*/bin), or set FASTPATCH_PG_BIN to their folder "
-                    f"(now {os.environ.get('FASTPATCH_PG_BIN')!r})")
-    as_user = None
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        if shutil.which("runuser") is None:
-            _unavailable("running as root: PostgreSQL must run as another user, and runuser is missing")
-        try:
-            import pwd
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            _unavailable("running as root and there is no 'postgres' system user to run the server as "
-                        "(apt-get install -y postgresql creates it)")
-        as_user = "postgres"
-    base = Path(tempfile.mkdtemp(prefix="fp-pg-"))  # short: a unix socket path is at most 107 bytes
-    (base / "sock").mkdir()
-    if as_user:
-        for p in (base, base / "sock"):
-            os.chown(p, pw.pw_uid, pw.pw_gid)
-        os.chmod(base, 0o755)
-    server = PgServer(bin_dir, base, as_user)
-    server.init()
-    server.start()
+        server = start_server()
+    except PgUnavailable as exc:
+        _unavailable(str(exc))
     try:
         yield server
     finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        stop_server(server)
 
 
 @pytest.fixture
@@ -121,8 +157,6 @@ def pg_url(pg_server):
     import psycopg
 
     name = f"t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(pg_server.url(), autocommit=True) as c:
-        c.execute(f"CREATE DATABASE {name}")
-    yield pg_server.url(name)
+    yield create_database(pg_server, name)
     with psycopg.connect(pg_server.url(), autocommit=True) as c:
         c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
