@@ -1,10 +1,15 @@
 """Random test cases shared by every backend's tests: one grid, one oracle, one tolerance table.
 
 Inputs are random normals (never zeros); gate thresholds are put in the widest gap between the
-rows' metric values so that a backend's rounding cannot flip a gate decision.
+rows' metric values so that a backend's rounding cannot flip a gate decision. The kernel grid's
+factors, its all-pairs cover and its one ``check`` are here too; tests/kernels/test_backend_grid.py
+runs the grid on every backend.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
+import random
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,6 +37,23 @@ TOLERANCES = {
 }
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Case generation and the float64 oracle on one thread: their tensors are small, and torch's
+    thread pool costs them far more than it gains (a 768 × 4 QR takes ~20 ms with two threads on a
+    busy machine, ~0.01 ms with one). Backends under test keep the caller's threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class BadDraw(AssertionError):
+    """A random case too close to a decision edge to test (see jump_thresholds)."""
+
+
 def jump_thresholds(h: torch.Tensor, down: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Per component, a JumpReLU θ between the rows' z = h·downᵀ + bias values (the widest gap near the
     median, as for gates) so that some rows pass the jump and some do not; with one row, θ sits 0.25
@@ -50,7 +72,7 @@ def jump_thresholds(h: torch.Tensor, down: torch.Tensor, bias: torch.Tensor) -> 
     thr = torch.tensor(out, dtype=torch.float64)
     margin = float((z - thr).abs().min())
     if margin < JUMP_MARGIN:  # never silently flaky: a case this close is a bad draw, say so
-        raise AssertionError(f"casegen: a JumpReLU threshold lies {margin:.2g} from a row's z (< {JUMP_MARGIN}); "
+        raise BadDraw(f"casegen: a JumpReLU threshold lies {margin:.2g} from a row's z (< {JUMP_MARGIN}); "
                              "pick another seed or size")
     return thr
 
@@ -120,10 +142,12 @@ class Case:
 
     def expected(self, fire_counts=None):
         """(out, residual_out) in float64 from the reference."""
-        return reference.fused_add_norm(self.x, self.residual, self.weight, exact=True,
-                                        fire_counts=fire_counts, **self.kwargs())
+        with one_thread():
+            return reference.fused_add_norm(self.x, self.residual, self.weight, exact=True,
+                                            fire_counts=fire_counts, **self.kwargs())
 
 
+@one_thread()
 def make_case(N: int, D: int, dtype: torch.dtype, *, kind: Optional[str] = "steer", gated: bool = False,
               index_mode: str = "none", norm: str = "rms", residual: bool = True, num_patches: int = 3,
               rank: int = 4, seed: int = 0, device="cpu", bank_dtype=torch.float32,
@@ -175,10 +199,11 @@ def assert_matches_reference(case: Case, out: torch.Tensor, residual_out: torch.
     exp_out, exp_res = (t.cpu() for t in case.expected())
     rtol, atol = TOLERANCES[case.x.dtype]
     assert out.dtype == case.x.dtype and residual_out.dtype == case.x.dtype
-    torch.testing.assert_close(residual_out.cpu().double(), exp_res, rtol=rtol, atol=atol,
-                               msg=lambda m: f"residual_out differs from reference: {m}")
-    torch.testing.assert_close(out.cpu().double(), exp_out, rtol=rtol, atol=atol,
-                               msg=lambda m: f"out differs from reference: {m}")
+    with one_thread():
+        torch.testing.assert_close(residual_out.cpu().double(), exp_res, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"residual_out differs from reference: {m}")
+        torch.testing.assert_close(out.cpu().double(), exp_out, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"out differs from reference: {m}")
 
 
 def run_backend(case: Case, backend: str, fire_counts=None, poison: bool = True):
@@ -187,3 +212,92 @@ def run_backend(case: Case, backend: str, fire_counts=None, poison: bool = True)
     res_out = poisoned_like(case.x) if poison else None
     return fp.fused_add_norm(case.x, case.residual, case.weight, out=out, residual_out=res_out,
                              fire_counts=fire_counts, backend=backend, **case.kwargs())
+
+
+# --- the kernel grid: factors, all-pairs cover, one check -------------------------------------------
+
+GRID_KINDS = KINDS + ("mix",) + ACT_KINDS  # "mix" cycles KINDS through one bank, "actmix" cycles ACT_MIX
+ROWS = (1, 3, 64, 257)
+HIDDEN = (1, 64, 768, 4097)
+GATED = (False, True)
+INDEX_MODES = ("none", "all_off", "mixed")
+NORMS = ("rms", "layer")
+RESIDUAL = (True, False)
+
+
+def all_pairs(factors: dict, seed: int = 0, candidates: int = 60, allowed=None) -> list[tuple]:
+    """A small list of combinations in which every pair of values of every two factors occurs.
+
+    Greedy: each round fixes one uncovered pair, draws ``candidates`` random completions and keeps the
+    one covering most uncovered pairs (deterministic for a seed); ~35 rows for the full kernel grid
+    instead of 27,648. ``allowed(dict of factor -> value)`` rules combinations out (a backend's
+    affordable shapes); a pair that no drawn allowed completion holds is dropped as infeasible.
+    """
+    rng = random.Random(seed)
+    names = list(factors)
+    pairs = list(itertools.combinations(range(len(names)), 2))
+    uncovered = {(a, va, b, vb) for a, b in pairs
+                 for va in range(len(factors[names[a]])) for vb in range(len(factors[names[b]]))}
+    rows = []
+    while uncovered:
+        # seed every round with one uncovered pair so the loop always progresses
+        a, va, b, vb = min(uncovered)
+        best, best_gain = None, -1
+        for _ in range(candidates):
+            combo = [rng.randrange(len(factors[n])) for n in names]
+            combo[a], combo[b] = va, vb
+            if allowed is not None and not allowed({n: factors[n][v] for n, v in zip(names, combo)}):
+                continue
+            gain = sum((i, combo[i], j, combo[j]) in uncovered for i, j in pairs)
+            if gain > best_gain:
+                best, best_gain = combo, gain
+        if best is None:  # no allowed combination holds this pair
+            uncovered.discard((a, va, b, vb))
+            continue
+        for i, j in pairs:
+            uncovered.discard((i, best[i], j, best[j]))
+        rows.append(tuple(factors[n][v] for n, v in zip(names, best)))
+    return rows
+
+
+DRAWS = 8
+
+
+def describe(N, D, dtype, kind, gated, index_mode, norm, residual, **kw) -> str:
+    """A grid case in one line (test ids, failure notes)."""
+    extra = "".join(f"-{k}={v}" for k, v in sorted(kw.items()))
+    return (f"{str(dtype).split('.')[-1]}-{N}x{D}-{kind}-{'gated' if gated else 'ungated'}-{index_mode}-{norm}-"
+            f"{'res' if residual else 'nores'}{extra}")
+
+
+def check(backend: str, N: int, D: int, dtype: torch.dtype, kind: Optional[str] = "steer", gated: bool = False,
+          index_mode: str = "none", norm: str = "rms", residual: bool = True, *, seed: int = 0,
+          device="cpu", **kw) -> Case:
+    """One grid case through the public op on ``backend`` with poisoned outputs, against the float64
+    reference; returns the case. A failure names the case (the grid loops several per test). A draw
+    with a JumpReLU threshold too close to a row (wide, many-row cases: 257 × 1) is redrawn with the
+    next seed, deterministically, at most DRAWS times."""
+    # "mix" cycles all five kinds (six patches: one kind twice), "actmix" the four of ACT_MIX
+    kw.setdefault("num_patches", 6 if kind == "mix" else 4 if kind == "actmix" else 3)
+    if gated and D == 1:
+        # At D = 1 every row's cosine is exactly ±1, so casegen's threshold lands on the metric
+        # values themselves and fp32 rounding decides the gate; the projection has real gaps.
+        kw.setdefault("metric", "projection")
+    for draw in range(DRAWS):
+        try:
+            case = make_case(N, D, dtype, kind=kind, gated=gated, index_mode=index_mode, norm=norm, residual=residual,
+                             seed=seed, device=device, **kw)
+            break
+        except BadDraw:
+            if draw == DRAWS - 1:
+                raise
+            seed += 1_000_003  # the next draw of the same case; the seed used is named on failure
+    try:
+        out, res_out = run_backend(case, backend)
+        assert out.device == case.x.device and res_out.device == case.x.device
+        assert_matches_reference(case, out, res_out)
+    except AssertionError as e:
+        e.add_note(f"case: backend={backend} device={device} seed={seed} "
+                   f"{describe(N, D, dtype, kind, gated, index_mode, norm, residual, **kw)}")
+        raise
+    return case

@@ -1,15 +1,12 @@
-"""The C++ CPU backend against the float64 reference, through the public op with poisoned outputs.
-
-The grid (dtype × rows × hidden × kind × gate × index × norm × residual) is too large to run in
-full by default, so it is covered in two strata: every combination on the small sizes (grouped into
-one test per dtype/kind/gate/index so pytest's per-item cost stays low), and an all-pairs cover of
-the whole grid, which is where the 257-row / 4097-wide cases (vector tails, several threads) come
-in. `-m slow` runs the full product.
+"""The C++ CPU backend against the float64 reference, through the public op with poisoned outputs:
+what is specific to it (bank and affine dtypes, fire counts, aliasing, bad indices, threads, opcheck,
+torch.compile). The grid it shares with the other backends (dtype × rows × hidden × kind × gate ×
+index × norm × residual, its all-pairs cover and ``-m slow`` full product) is
+tests/kernels/test_backend_grid.py.
 """
 from __future__ import annotations
 
 import itertools
-import random
 
 import pytest
 import torch
@@ -18,113 +15,11 @@ import fastpatch as fp
 from fastpatch.kernels import backends
 from fastpatch.kernels.backends import cpp
 
-from casegen import DTYPES, TOLERANCES, assert_matches_reference, make_case, poisoned_like, run_backend
+from casegen import (DTYPES, GATED, NORMS, TOLERANCES, assert_matches_reference, check, make_case, poisoned_like,
+                     run_backend)
 
 if not cpp.is_available("cpu"):  # pragma: no cover - a machine without a C++ toolchain
     pytest.skip(f"cpp backend unavailable: {cpp.why_unavailable('cpu')}", allow_module_level=True)
-
-ROWS = (1, 3, 64, 257)
-HIDDEN = (1, 64, 768, 4097)
-KINDS = ("steer", "ablate", "clamp", "lowrank", "loreft", "mix", "relu", "jumprelu", "actmix")
-GATED = (False, True)
-INDEX_MODES = ("none", "all_off", "mixed")
-NORMS = ("rms", "layer")
-RESIDUAL = (True, False)
-SMALL_ROWS = (1, 3, 64)
-SMALL_HIDDEN = (1, 64, 768)
-
-
-def check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=0, **kw):
-    num_patches = 6 if kind == "mix" else 4 if kind == "actmix" else 3  # "mix" cycles all five kinds
-    if gated and D == 1 and "metric" not in kw:
-        # At D = 1 every row's cosine is exactly ±1, so casegen's threshold lands on the metric
-        # values themselves and fp32 rounding decides the gate; the projection has real gaps.
-        kw["metric"] = "projection"
-    case = make_case(N, D, dtype, kind=kind, gated=gated, index_mode=index_mode, norm=norm,
-                     residual=residual, num_patches=num_patches, seed=seed, **kw)
-    out, res_out = run_backend(case, "cpp")
-    assert_matches_reference(case, out, res_out)
-
-
-# --- stratum 1: full product on the small sizes ---------------------------------------------------
-
-@pytest.mark.parametrize("index_mode", INDEX_MODES)
-@pytest.mark.parametrize("gated", GATED, ids=("ungated", "gated"))
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_small_grid(dtype, kind, gated, index_mode):
-    for N, D, norm, residual in itertools.product(SMALL_ROWS, SMALL_HIDDEN, NORMS, RESIDUAL):
-        check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=N * 7919 + D)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_no_bank(dtype):
-    for N, D, norm, residual in itertools.product(ROWS, HIDDEN, NORMS, RESIDUAL):
-        check(N, D, dtype, None, False, "none", norm, residual, seed=D)
-
-
-# --- stratum 2: an all-pairs cover of the whole grid ----------------------------------------------
-
-def all_pairs(factors, seed=0, candidates=60):
-    """A small list of combinations in which every pair of values of every two factors occurs.
-
-    Greedy: each round draws random candidates and keeps the one covering most uncovered pairs
-    (deterministic for a seed); ~35 rows for this grid instead of 27,648.
-    """
-    rng = random.Random(seed)
-    names = list(factors)
-    uncovered = {(a, va, b, vb) for a, b in itertools.combinations(range(len(names)), 2)
-                 for va in range(len(factors[names[a]])) for vb in range(len(factors[names[b]]))}
-    rows = []
-    while uncovered:
-        # seed every round with one uncovered pair so the loop always progresses
-        a, va, b, vb = min(uncovered)
-        best, best_gain = None, -1
-        for _ in range(candidates):
-            combo = [rng.randrange(len(factors[n])) for n in names]
-            combo[a], combo[b] = va, vb
-            gain = sum((i, combo[i], j, combo[j]) in uncovered
-                       for i, j in itertools.combinations(range(len(names)), 2))
-            if gain > best_gain:
-                best, best_gain = combo, gain
-        for i, j in itertools.combinations(range(len(names)), 2):
-            uncovered.discard((i, best[i], j, best[j]))
-        rows.append(tuple(factors[n][v] for n, v in zip(names, best)))
-    return rows
-
-
-FACTORS = dict(dtype=DTYPES, N=ROWS, D=HIDDEN, kind=KINDS, gated=GATED, index_mode=INDEX_MODES,
-               norm=NORMS, residual=RESIDUAL)
-PAIRWISE = all_pairs(FACTORS)
-
-
-def _case_id(combo):
-    dtype, N, D, kind, gated, index_mode, norm, residual = combo
-    return (f"{str(dtype).split('.')[-1]}-{N}x{D}-{kind}-{'gated' if gated else 'ungated'}-"
-            f"{index_mode}-{norm}-{'res' if residual else 'nores'}")
-
-
-@pytest.mark.parametrize("combo", PAIRWISE, ids=_case_id)
-def test_pairwise_grid(combo):
-    dtype, N, D, kind, gated, index_mode, norm, residual = combo
-    check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=hash(_case_id(combo)) % 10_000)
-
-
-def test_pairwise_cover_includes_the_big_sizes():
-    assert {c[1] for c in PAIRWISE} == set(ROWS) and {c[2] for c in PAIRWISE} == set(HIDDEN)
-    assert any(c[1] == 257 and c[2] == 4097 for c in PAIRWISE)  # true for seed 0
-    assert len(PAIRWISE) < 60
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("index_mode", INDEX_MODES)
-@pytest.mark.parametrize("gated", GATED, ids=("ungated", "gated"))
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_exhaustive_grid(dtype, kind, gated, index_mode):
-    for N, D, norm, residual in itertools.product(ROWS, HIDDEN, NORMS, RESIDUAL):
-        check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=N * 7919 + D)
-
 
 # --- parameter dtypes, affine variants --------------------------------------------------------------
 
@@ -132,12 +27,12 @@ def test_exhaustive_grid(dtype, kind, gated, index_mode):
 @pytest.mark.parametrize("kind", ("steer", "lowrank", "mix"))
 def test_bank_in_activation_dtype(dtype, kind):
     for gated, index_mode, D in itertools.product(GATED, ("none", "mixed"), (64, 773)):
-        check(17, D, dtype, kind, gated, index_mode, "rms", True, bank_dtype=dtype)
+        check("cpp", 17, D, dtype, kind, gated, index_mode, "rms", True, bank_dtype=dtype)
 
 
 def test_bank_in_a_third_dtype_takes_the_fp32_path():
     # fp16 bank with bf16 activations: converted to fp32 inside the op, still correct
-    check(9, 130, torch.bfloat16, "mix", True, "mixed", "layer", True, bank_dtype=torch.float16)
+    check("cpp", 9, 130, torch.bfloat16, "mix", True, "mixed", "layer", True, bank_dtype=torch.float16)
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
@@ -183,14 +78,6 @@ def test_rank_zero_bank_with_gate_only_shift():
 def test_ablate_bank_has_no_shift():
     case = make_case(8, 64, torch.float32, kind="ablate", index_mode="mixed")
     assert not case.bank.has_shift
-    assert_matches_reference(case, *run_backend(case, "cpp"))
-
-
-@pytest.mark.parametrize("metric", ("cosine", "projection"))
-@pytest.mark.parametrize("fire", ("above", "below"))
-def test_gate_modes(metric, fire):
-    case = make_case(64, 96, torch.float32, kind="mix", gated=True, index_mode="mixed", num_patches=5,
-                     metric=metric, fire=fire)
     assert_matches_reference(case, *run_backend(case, "cpp"))
 
 

@@ -4,16 +4,15 @@ outputs (run by ``pytest -m gpu`` / benchmarks/gpu_check.py; skipped without a C
 On a machine with a CUDA device and a CUDA torch the backend must build: a failed build fails
 ``test_backend_builds`` loudly instead of skipping everything.
 
-Grid as for the other backends (tests/casegen.py): the full product on small sizes, an all-pairs
-cover of dtype × rows {1,3,64,257} × hidden {1,64,768,4097} × kind × gate × index × norm ×
-residual, and targeted tests for the launch layouts (warp / block / streaming), fire counts,
-aliasing, misaligned views, CUDA-graph capture and torch.compile. ``-m "gpu and slow"`` runs the
-full product.
+The grid it shares with the other backends (dtype × rows {1,3,64,257} × hidden {1,64,768,4097} ×
+kind × gate × index × norm × residual: small product, all-pairs cover, gate modes and the
+``-m "gpu and slow"`` full product) is tests/kernels/test_backend_grid.py; here are the tests
+specific to this backend: the launch layouts (warp / block / streaming), fire counts, bank dtypes,
+aliasing, misaligned views, streams, CUDA-graph capture, opcheck and torch.compile.
 """
 from __future__ import annotations
 
 import itertools
-import random
 
 import pytest
 import torch
@@ -21,20 +20,12 @@ import torch
 import fastpatch as fp
 from fastpatch.kernels.backends import cuda
 
-from casegen import DTYPES, TOLERANCES, assert_matches_reference, make_case, poisoned_like, run_backend
+from casegen import DTYPES, NORMS, TOLERANCES, assert_matches_reference, check, make_case, poisoned_like, run_backend
 
 pytestmark = pytest.mark.gpu
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
-
-ROWS = (1, 3, 64, 257)
-HIDDEN = (1, 64, 768, 4097)
-KINDS = ("steer", "ablate", "clamp", "lowrank", "loreft", "mix", "relu", "jumprelu", "actmix")
-GATED = (False, True)
-INDEX_MODES = ("none", "all_off", "mixed")
-NORMS = ("rms", "layer")
-RESIDUAL = (True, False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,74 +45,6 @@ def _case(N, D, dtype, kind, gated, index_mode, norm="rms", residual=True, seed=
                      num_patches=6 if kind == "mix" else 3, seed=seed, device="cuda", **kw)
 
 
-def check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=0, **kw):
-    case = _case(N, D, dtype, kind, gated, index_mode, norm, residual, seed=seed, **kw)
-    out, res_out = run_backend(case, "cuda")
-    assert out.is_cuda and res_out.is_cuda
-    assert_matches_reference(case, out, res_out)
-
-
-# --- the grid -----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("index_mode", INDEX_MODES)
-@pytest.mark.parametrize("gated", GATED, ids=("ungated", "gated"))
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_small_grid(dtype, kind, gated, index_mode):
-    for N, D, norm, residual in itertools.product((1, 3, 64), (1, 64, 768), NORMS, RESIDUAL):
-        check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=N * 7919 + D)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_no_bank(dtype):
-    for N, D, norm, residual in itertools.product(ROWS, HIDDEN, NORMS, RESIDUAL):
-        case = make_case(N, D, dtype, kind=None, norm=norm, residual=residual, seed=D, device="cuda")
-        out, res_out = run_backend(case, "cuda")
-        assert_matches_reference(case, out, res_out)
-
-
-def all_pairs(factors, seed=0, candidates=60):
-    """Combinations in which every pair of values of every two factors occurs (greedy)."""
-    rng = random.Random(seed)
-    names = list(factors)
-    uncovered = {(a, va, b, vb) for a, b in itertools.combinations(range(len(names)), 2)
-                 for va in range(len(factors[names[a]])) for vb in range(len(factors[names[b]]))}
-    rows = []
-    while uncovered:
-        a, va, b, vb = min(uncovered)
-        best, best_cover = None, -1
-        for _ in range(candidates):
-            row = [rng.randrange(len(factors[n])) for n in names]
-            row[a], row[b] = va, vb
-            cover = sum((i, row[i], j, row[j]) in uncovered
-                        for i, j in itertools.combinations(range(len(names)), 2))
-            if cover > best_cover:
-                best, best_cover = row, cover
-        uncovered -= {(i, best[i], j, best[j]) for i, j in itertools.combinations(range(len(names)), 2)}
-        rows.append(tuple(factors[n][v] for n, v in zip(names, best)))
-    return rows
-
-
-FACTORS = dict(dtype=DTYPES, N=ROWS, D=HIDDEN, kind=KINDS, gated=GATED, index_mode=INDEX_MODES, norm=NORMS,
-               residual=RESIDUAL)
-PAIRS = all_pairs(FACTORS)
-
-
-@pytest.mark.parametrize("combo", PAIRS, ids=lambda c: "-".join(map(str, c)))
-def test_all_pairs(combo):
-    dtype, N, D, kind, gated, index_mode, norm, residual = combo
-    check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=N + D)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", KINDS)
-def test_full_product(dtype, kind):
-    for N, D, gated, index_mode, norm, residual in itertools.product(ROWS, HIDDEN, GATED, INDEX_MODES, NORMS,
-                                                                      RESIDUAL):
-        check(N, D, dtype, kind, gated, index_mode, norm, residual, seed=N * 31 + D)
-
-
 # --- layouts and edge cases ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -129,7 +52,7 @@ def test_full_product(dtype, kind):
 def test_wide_rows_block_and_streaming(dtype, D):
     """Register-cached block rows and rows too wide for the cache (re-read between passes)."""
     for norm in NORMS:
-        check(3, D, dtype, "mix", True, "mixed", norm, True, seed=D)
+        check("cuda", 3, D, dtype, "mix", True, "mixed", norm, True, seed=D, device="cuda")
 
 
 def test_fire_counts_match_reference():
@@ -145,9 +68,10 @@ def test_fire_counts_match_reference():
 
 def test_large_rank_and_bank_dtypes():
     for D in (64, 1536):
-        check(64, D, torch.float32, "lowrank", True, "mixed", "rms", True, rank=20)
+        check("cuda", 64, D, torch.float32, "lowrank", True, "mixed", "rms", True, rank=20, device="cuda")
     for x_dtype, bank_dtype in itertools.product(DTYPES, DTYPES):
-        check(16, 256, x_dtype, "loreft", True, "mixed", "layer", True, bank_dtype=bank_dtype)
+        check("cuda", 16, 256, x_dtype, "loreft", True, "mixed", "layer", True, bank_dtype=bank_dtype,
+              device="cuda")
 
 
 def test_weight_dtype_offset_and_none():

@@ -1,15 +1,15 @@
-"""The triton backend against the float64 reference.
+"""The triton backend against the float64 reference: what is specific to it.
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when
-there is no CUDA), ~2-6 ms per program, so the default grid is sampled: every kind, dtype, gate,
-index mode, norm and residual choice appears, and every kernel path (row single-pass, row
-chunked, tl.dot tile) is forced explicitly. The full product is ``-m slow``. Tests with the
-``cuda`` device param are marked ``gpu`` and run the same grid on a GPU
-(benchmarks/gpu_check.py runs ``pytest -m "gpu or not slow"``).
+there is no CUDA), ~2-6 ms per program, so shapes stay small and every kernel path (row
+single-pass, row chunked, tl.dot tile, tile grouped by patch) is forced explicitly here, with fire
+counts, aliasing, bad indices, the dispatcher, opcheck and torch.compile. The grid it shares with
+the other backends (dtype × rows × hidden × kind × gate × index × norm × residual, at the
+interpreter's sizes) is tests/kernels/test_backend_grid.py. Tests with the ``cuda`` device param
+are marked ``gpu`` and run the same on a GPU (benchmarks/gpu_check.py runs ``pytest -m gpu tests``).
 """
 from __future__ import annotations
 
-import itertools
 import json
 import random
 
@@ -18,12 +18,11 @@ import torch
 
 import fastpatch as fp
 from fastpatch.kernels import backends
-from casegen import ACT_KINDS, DTYPES, KINDS, TOLERANCES, assert_matches_reference, make_case, run_backend
+from casegen import DTYPES, TOLERANCES, assert_matches_reference, check, make_case, run_backend
 
 triton_backend = pytest.importorskip("fastpatch.kernels.backends.triton_backend")
 from fastpatch.kernels.triton_ops import dispatch  # noqa: E402
 
-ALL_KINDS = KINDS + ("mix",) + ACT_KINDS
 gpu = pytest.mark.gpu
 
 
@@ -31,64 +30,24 @@ def _device_params():
     return [pytest.param("cpu", id="interp"), pytest.param("cuda", id="cuda", marks=gpu)]
 
 
+def _device_for(dev):
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    if not triton_backend.is_available(torch.device(dev)):
+        pytest.skip(triton_backend.why_unavailable(torch.device(dev)))
+    return dev
+
+
 @pytest.fixture(params=_device_params())
 def device(request):
     return _device_for(request.param)
-
-
-def check(device, **case_args):
-    case = make_case(device=device, **case_args)
-    out, res = run_backend(case, "triton")
-    assert_matches_reference(case, out, res)
-    return case
 
 
 def _id(v):
     return str(v).replace("torch.", "")
 
 
-# --- the sampled default grid -------------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("kind", ALL_KINDS)
-def test_every_kind_and_dtype(device, dtype, kind):
-    check(device, N=3, D=64, dtype=dtype, kind=kind, index_mode="mixed" if kind in ("mix", "actmix") else "none",
-          num_patches=4 if kind == "actmix" else 3)
-
-
-# (N, D) over the required rows {1, 3, 64, 257} and widths {1, 64, 768, 4097}: each N and each D at
-# least twice, with the options rotated so each setting meets several shapes.
-SHAPES = [(1, 1), (3, 1), (1, 64), (257, 64), (64, 768), (3, 768), (1, 4097), (3, 4097)]
-OPTIONS = list(itertools.product((False, True), ("none", "all_off", "mixed"), ("rms", "layer"), (True, False)))
-
-
-@pytest.mark.parametrize("shape_i", range(len(SHAPES)), ids=[f"N{n}-D{d}" for n, d in SHAPES])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-def test_shapes(device, shape_i, dtype):
-    N, D = SHAPES[shape_i]
-    gated, index_mode, norm, residual = OPTIONS[(shape_i * 5 + DTYPES.index(dtype) * 7) % len(OPTIONS)]
-    kind = ALL_KINDS[(shape_i + DTYPES.index(dtype)) % len(ALL_KINDS)]
-    if N > 64:  # 257 interpreted programs: keep the per-row rank loop short (kinds are covered above)
-        kind = "mix"
-    check(device, N=N, D=D, dtype=dtype, kind=kind, gated=gated, index_mode=index_mode, norm=norm,
-          residual=residual, seed=shape_i)
-
-
-@pytest.mark.parametrize("gated", (False, True))
-@pytest.mark.parametrize("index_mode", ("none", "all_off", "mixed"))
-@pytest.mark.parametrize("norm", ("rms", "layer"))
-@pytest.mark.parametrize("residual", (True, False))
-def test_options(device, gated, index_mode, norm, residual):
-    check(device, N=5, D=96, dtype=torch.bfloat16, kind="mix" if index_mode == "mixed" else "loreft",
-          gated=gated, index_mode=index_mode, norm=norm, residual=residual, num_patches=5)
-
-
-@pytest.mark.parametrize("metric", ("cosine", "projection"))
-@pytest.mark.parametrize("fire", ("above", "below"))
-def test_gate_modes(device, metric, fire):
-    check(device, N=9, D=64, dtype=torch.float32, kind="steer", gated=True, index_mode="mixed",
-          metric=metric, fire=fire, num_patches=2)
-
+# --- weight variants ------------------------------------------------------------------------------
 
 def test_no_patch_and_no_weight(device):
     case = make_case(4, 70, torch.float16, kind=None, device=device)
@@ -274,7 +233,7 @@ def test_chunked_row_path(device, dtype, kind, gated, norm, monkeypatch):
     monkeypatch.setattr(dispatch, "CHUNK_D", 64)
     cfg = dispatch.select(3, 150, 4)
     assert cfg.kernel == "row" and not cfg.SINGLE_PASS
-    check(device, N=3, D=150, dtype=dtype, kind=kind, gated=gated, norm=norm,
+    check("triton", device=device, N=3, D=150, dtype=dtype, kind=kind, gated=gated, norm=norm,
           index_mode="mixed" if kind in ("mix", "actmix") else "none", residual=dtype != torch.float16,
           num_patches=4 if kind == "actmix" else 3)
 
@@ -283,7 +242,7 @@ def test_real_chunked_width(device):
     """D > MAX_SINGLE_PASS_D with the real chunk width (one row: the interpreter is slow)."""
     D = dispatch.MAX_SINGLE_PASS_D + 5
     assert not dispatch.select(1, D, 4).SINGLE_PASS
-    check(device, N=1, D=D, dtype=torch.float32, kind="lowrank", gated=True, norm="layer")
+    check("triton", device=device, N=1, D=D, dtype=torch.float32, kind="lowrank", gated=True, norm="layer")
 
 
 # --- dispatcher, availability, torch.compile ------------------------------------------------------
@@ -334,40 +293,6 @@ def test_opcheck(device):
             b.gate_threshold, b.gate_mode, b.act_threshold, None, None, out, res, 1)
     torch.library.opcheck(torch.ops.fastpatch.fused_add_norm_triton.default, args,
                           test_utils=("test_schema", "test_faketensor"))
-
-
-# --- the full product (slow) ----------------------------------------------------------------------
-
-FULL = list(itertools.product(DTYPES, ALL_KINDS, (False, True), ("none", "all_off", "mixed"), ("rms", "layer"),
-                              (True, False)))
-
-
-@pytest.fixture(params=["cpu", "cuda"], ids=["interp", "cuda"])
-def full_grid_device(request):
-    """Like ``device`` but without the gpu mark: the full grid stays out of gpu_check's default run
-    (hundreds of kernel specialisations to JIT-compile); run it on a GPU with ``-m slow``."""
-    return _device_for(request.param)
-
-
-def _device_for(dev):
-    if dev == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
-    if not triton_backend.is_available(torch.device(dev)):
-        pytest.skip(triton_backend.why_unavailable(torch.device(dev)))
-    return dev
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("N,D", [(1, 64), (3, 768), (257, 1), (70, 256)])
-@pytest.mark.parametrize("combo", range(len(FULL)))
-def test_full_grid(full_grid_device, N, D, combo):
-    device = full_grid_device
-    dtype, kind, gated, index_mode, norm, residual = FULL[combo]
-    if kind == "mix" and index_mode == "none":
-        index_mode = "mixed"
-    rank = 16 if (N >= 64 and combo % 2) else 4
-    check(device, N=N, D=D, dtype=dtype, kind=kind, gated=gated, index_mode=index_mode, norm=norm,
-          residual=residual, rank=rank, seed=combo)
 
 
 # --- benchmarks/gpu_check.py: its CPU-side logic through the interpreter ------------------------
