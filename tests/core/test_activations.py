@@ -1,7 +1,7 @@
 """Per-component activations of the canonical patch (identity, ReLU, JumpReLU): the patch form, the
 bank, the float64 reference, autograd, patch files, compose and GGUF.
 
-The per-backend grids (tests/kernels/test_cpp_backend.py, test_triton_backend.py, test_cuda_backend.py) run the
+The kernel grid every backend shares (tests/kernels/test_backend_grid.py) runs the
 activation kinds of tests/casegen.py (ACT_KINDS) against the reference like every other kind.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ def cases(draw):
         num_patches=draw(st.integers(1, 7)), rank=draw(st.integers(1, 9)),
         seed=draw(st.integers(0, 2**16)),
         bank_dtype=draw(st.sampled_from((torch.float32, dtype))),
-        # cosine at D = 1 is ±1 for every row: no gap for casegen's threshold (see test_cpp_backend)
+        # cosine at D = 1 is ±1 for every row: no gap for casegen's threshold (see casegen.check)
         metric=draw(st.sampled_from(("cosine", "projection") if D > 1 else ("projection",))),
         fire=draw(st.sampled_from(("above", "below"))),
     )

@@ -174,7 +174,7 @@ def emulate_case(lib, case, fire_counts=None):
 
 def _case(N, D, dtype, kind, gated, index_mode, norm="rms", residual=True, **kw):
     if gated and D == 1:
-        kw.setdefault("metric", "projection")  # at D = 1 every cosine is ±1 (see test_cpp_backend)
+        kw.setdefault("metric", "projection")  # at D = 1 every cosine is ±1 (see casegen.check)
     return make_case(N, D, dtype, kind=kind, gated=gated, index_mode=index_mode, norm=norm, residual=residual,
                      num_patches=6 if kind == "mix" else 4 if kind == "actmix" else 3, seed=N * 131 + D, **kw)
 
