@@ -294,7 +294,8 @@ def test_torch_compile_goes_through_custom_op(device):
 
 def test_opcheck(device):
     if device == "cpu":
-        pytest.skip("the one op's CPU implementation is the C++ kernel (tests/kernels/test_cpp_backend.py opchecks it); "
+        pytest.skip("the one op's CPU implementation is the C++ kernel "
+                    "(tests/kernels/test_cpp_backend.py opchecks it); "
                     "interpreted Triton is reached by name only, outside the op")
     case = make_case(3, 32, torch.float32, kind="lowrank", rank=2, gated=True, device=device)
     b = case.bank
