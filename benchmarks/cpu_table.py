@@ -21,7 +21,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 COLUMNS = ("fastpatch[none]", "fastpatch[steer]", "fastpatch[rank16]", "cpp_backend[steer]",
-           "cpp_backend[rank16]", "torch_ops[none]", "torch_ops[steer]", "hf_hook[steer]")
+           "cpp_backend[rank16]", "torch_ops[none]", "torch_ops[steer]", "hf_hook[steer]",
+           # SAE feature clamps (fastpatch.sae, #17 item 5): Encoded of rank 1 / 8 / 32
+           "fastpatch[sae1]", "fastpatch[sae8]", "fastpatch[sae32]", "torch_ops[sae8]")
 TARGETS = {"fastpatch[steer]": 1.0, "fastpatch[rank16]": 1.5}
 
 

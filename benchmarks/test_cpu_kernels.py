@@ -18,8 +18,11 @@ One benchmark group per shape × dtype × threads, so each group is a side-by-si
   hf_hook[p]           x + residual in a module with a forward hook applying the patch (how HF-model
                        steering libraries hook a layer), then transformers' LlamaRMSNorm
 
-for the patch p: none, steer (one vector added to every row) and rank16 (a LowRank edit of rank 16;
-built as the removal of a 16-dimensional subspace so that repeated in-place calls stay bounded).
+for the patch p: none, steer (one vector added to every row), rank16 (a LowRank edit of rank 16;
+built as the removal of a 16-dimensional subspace so that repeated in-place calls stay bounded) and sae1 /
+sae8 / sae32 (fastpatch.sae clamps of 1, 8, 32 features of a random ReLU SAE with d_sae 1024: an Encoded
+of that rank; a clamp sets the features, so repeated in-place calls stay bounded; vllm / hf_hook rows
+have no SAE variant).
 Activations, norm weight and bank are all in the benchmark dtype. Threads: torch.set_num_threads(t)
 around each benchmark (vLLM's kernel and fastpatch's both run on torch's OpenMP pool).
 Correctness is tested in tests/; here each variant is checked once against the float64 reference
@@ -40,7 +43,8 @@ from fastpatch.kernels.backends import NormSpec, cpp
 SHAPES = ((1, 576), (64, 576), (512, 576), (64, 4096), (512, 4096))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 THREADS = (1, 2)
-PATCHES = ("none", "steer", "rank16")
+PATCHES = ("none", "steer", "rank16", "sae1", "sae8", "sae32")
+SAE_RANKS = {"sae1": 1, "sae8": 8, "sae32": 32}  # fastpatch.sae clamps of that many features (#17 item 5)
 EPS = 1e-6
 TOL = {torch.float32: 1e-4, torch.bfloat16: 4e-2}
 
@@ -88,13 +92,28 @@ def make_bank(patch: str, D: int, dtype, gen):
         q = torch.linalg.qr(torch.randn(D, 16, generator=gen, dtype=torch.float64))[0]  # [D, 16] orthonormal
         return fp.PatchBank(fp.LowRank(q, -q.T.contiguous(), bias=torch.zeros(16, dtype=torch.float64)), D,
                             dtype=dtype)
+    if patch in SAE_RANKS:
+        return fp.PatchBank(sae_clamp(patch, D, gen), D, dtype=dtype)
     raise ValueError(patch)
 
 
-def torch_patch(bank):
+def sae_clamp(patch: str, D: int, gen, d_sae: int = 1024):
+    """fastpatch.sae's clamp of SAE_RANKS[patch] features (to 1.0) of a random ReLU SAE."""
+    sae = fp.sae.SAE(torch.randn(D, d_sae, generator=gen) / D**0.5, torch.randn(d_sae, D, generator=gen) * 0.05,
+                     torch.randn(d_sae, generator=gen) * 0.1, torch.randn(D, generator=gen) * 0.1)
+    feats = torch.randperm(d_sae, generator=gen)[:SAE_RANKS[patch]].tolist()
+    return sae.clamp({i: 1.0 for i in feats})
+
+
+def torch_patch(bank, encoded=None):
     """The bank's single patch as torch ops in the activation dtype: h -> h + (h·down + b)·up + shift."""
     if bank is None:
         return lambda h: h
+    if encoded is not None:  # an SAE clamp: h + ReLU(h·down + b)·up + shift
+        dt = bank.down.dtype
+        down_t, b, up = encoded.down.T.to(dt).contiguous(), encoded.bias.to(dt), encoded.up.to(dt)
+        shift = encoded.shift.to(dt)
+        return lambda h: h + torch.relu(h @ down_t + b) @ up + shift
     if bank.rank == 0:
         shift = bank.shift[0]
         return lambda h: h + shift
@@ -147,7 +166,8 @@ def make_call(impl: str, patch: str, N: int, D: int, dtype):
     """(call, check): call() runs one step on fresh inputs it owns; check() runs once on copies and
     compares with the float64 reference."""
     x, r, w, gen = inputs(N, D, dtype)
-    bank = make_bank(patch, D, dtype, gen)
+    encoded = sae_clamp(patch, D, torch.Generator().manual_seed(1)) if patch in SAE_RANKS else None
+    bank = (fp.PatchBank(encoded, D, dtype=dtype) if encoded is not None else make_bank(patch, D, dtype, gen))
     if impl == "vllm":
         def step(x, r):
             VLLM(x, r, w, EPS)
@@ -161,7 +181,7 @@ def make_call(impl: str, patch: str, N: int, D: int, dtype):
         def step(x, r):
             return cpp.run(x, r, w, None, norm, args, None, None, x, r)
     elif impl == "torch_ops":
-        patch_fn = torch_patch(bank)
+        patch_fn = torch_patch(bank, encoded)
 
         def step(x, r):
             h = patch_fn(x + r)
@@ -183,7 +203,7 @@ def make_call(impl: str, patch: str, N: int, D: int, dtype):
 
 
 VARIANTS = [("vllm", "none")] + [(impl, p) for impl in ("fastpatch", "cpp_backend", "torch_ops", "hf_hook")
-                                 for p in PATCHES]
+                                 for p in PATCHES if not (impl == "hf_hook" and p in SAE_RANKS)]
 
 
 @pytest.mark.parametrize("nthreads", THREADS, ids=lambda t: f"t{t}")
