@@ -8,7 +8,7 @@ cache, decode steps run in blocks of ``--block`` per variant per round (apply / 
 region), and the ratio is the median over paired steps (step j of a round against step j of the unpatched
 block of the same round). The decoded tokens of every variant are printed as a check that the clamps ran.
 
-    python benchmarks/sae_decode.py [--new-tokens 96 --batch 1 --json benchmarks/results/sae_decode_cpu.json]
+    python benchmarks/sae_decode.py [--new-tokens 96 --batch 1 --json OUT.json]
 """
 from __future__ import annotations
 

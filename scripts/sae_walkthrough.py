@@ -1,4 +1,5 @@
-"""The outputs of docs/sae.md: SmolLM2-135M with the SAE in docs/assets/smollm2-sae-l12 (scripts/train_sae_smollm2.py).
+"""The outputs of the SAE walkthrough doc: SmolLM2-135M with the SAE scripts/train_sae_smollm2.py writes
+(by default into the docs folder's assets/smollm2-sae-l12).
 
 Finds features with ``sae.top``, clamps one, generates with and without the clamp, saves the clamp as a patch
 file and runs ``fastpatch eval`` on it. Prints what the doc shows; re-run it after retraining the SAE.

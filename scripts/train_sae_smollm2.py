@@ -6,7 +6,9 @@ then a ReLU SAE (SAELens ``StandardSAE``) trained with Adam on MSE + λ·Σ f_i�
 loss), decoder rows renormalised to unit norm. The result is written with SAELens' ``save_model`` (cfg.json
 + sae_weights.safetensors) in float16, which keeps it under 3 MB at d_sae 1024.
 
-    python scripts/train_sae_smollm2.py --out docs/assets/smollm2-sae-l12 [--layer 12 --d-sae 1024 --steps 1500]
+    python scripts/train_sae_smollm2.py --out FOLDER [--layer 12 --d-sae 1024 --steps 1500]
+
+(default FOLDER: the docs folder's assets/smollm2-sae-l12, where the SAE walkthrough reads it)
 """
 from __future__ import annotations
 
