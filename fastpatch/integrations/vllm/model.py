@@ -211,7 +211,7 @@ def _patch_norm(norm, key, bank, index, impl, mode, weight_offset, *, write_back
     """``write_back``: the norm is called on the stream alone (Granite) and the caller keeps that tensor
     as its residual, so the patched sum is written into the input itself."""
     vanilla = norm.forward  # vLLM's own forward (CustomOp dispatch), used for the norm in "exact" mode
-    eps = float(norm.variance_epsilon)
+    spec = backends.NormSpec(0, float(norm.variance_epsilon), float(weight_offset))  # RMSNorm
     in_place = write_back or key[0] == "pre"
     fused = mode == "fused"
 
@@ -226,19 +226,22 @@ def _patch_norm(norm, key, bank, index, impl, mode, weight_offset, *, write_back
             # form: the patched stream is written back into x. view, not reshape: a copy would drop it.
             x2 = x.view(-1, d)
             out = torch.empty_like(x2)
-            impl.run(x2, None, self.weight, None, eps, 0, weight_offset, bank, idx, None, out, x2)
+            impl.run(x2, None, self.weight, None, spec, bank.kernel_args(), idx, None, out, x2)
             return out.view_as(x) if fused else vanilla(x)
         x2 = x.reshape(-1, d)
         res2 = residual.reshape(-1, d)
         out = torch.empty_like(x2)
         summed = torch.empty_like(x2)
-        impl.run(x2, res2, self.weight, None, eps, 0, weight_offset, bank, idx, None, out, summed)
+        impl.run(x2, res2, self.weight, None, spec, bank.kernel_args(), idx, None, out, summed)
         summed = summed.view_as(x)
         return (out.view_as(x) if fused else vanilla(summed)), summed
 
     forward._fastpatch_site = key  # what attach()'s start-up check looks for on every site's norm
     norm.forward = types.MethodType(forward, norm)
     norm._fastpatch_site = key
+
+
+_UNIT_RMS = backends.NormSpec(0, 1e-6, 0.0)  # the scratch norm of patch_in_place
 
 
 def patch_in_place(x: torch.Tensor, bank, index, impl, ones: torch.Tensor) -> None:
@@ -248,7 +251,7 @@ def patch_in_place(x: torch.Tensor, bank, index, impl, ones: torch.Tensor) -> No
     d = x.shape[-1]
     x2 = x.view(-1, d)  # view, not reshape: a copy would drop the write
     out = torch.empty_like(x2)
-    impl.run(x2, None, ones, None, 1e-6, 0, 0.0, bank, index[: x2.shape[0]], None, out, x2)
+    impl.run(x2, None, ones, None, _UNIT_RMS, bank.kernel_args(), index[: x2.shape[0]], None, out, x2)
 
 
 def _hook_site(module, key, bank, index, impl, param) -> None:

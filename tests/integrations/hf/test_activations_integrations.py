@@ -51,13 +51,22 @@ def test_hf_fused_and_hooks_apply_the_activation(activation):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_vllm_plugin_refuses_an_activated_patch_file(tmp_path):
-    from fastpatch.integrations.vllm.slots import PatchSlotError, read_patches
+def test_vllm_slots_take_activated_patch_files_into_banks_started_with_activations(tmp_path):
+    """The vLLM plugin's slots: an activated patch file loads, and a bank declared with it carries activation
+    levels; a bank started without any refuses it at run time, naming the fix (never a silent identity)."""
+    from fastpatch.integrations.vllm.slots import PatchSlotError, SlotTable, read_patches
 
     patch, _ = _encoded("relu")
     path = tmp_path / "clamp.safetensors"
     fp.save({"layers.0.resid_post": patch}, path)
-    with pytest.raises(PatchSlotError, match="does not serve activated patches yet"):
-        read_patches(path, None, 2)
-    fp.save({"layers.0.resid_post": fp.Steer(torch.ones(D))}, path)  # an affine patch still loads
-    assert len(read_patches(path, None, 2)) == 1
+    activated = read_patches(path, None, 2)
+    (c,) = activated.values()
+    assert c.activations == ("relu",) * R
+    fp.save({"layers.0.resid_post": fp.Steer(torch.ones(D))}, path)  # an affine patch
+    plain = read_patches(path, None, 2)
+    kw = dict(hidden_size=D, num_layers=2, capacity=3, max_rank=R, sites=None, dtype=torch.float32, device="cpu")
+    with_act = SlotTable({"clamp": activated}, **kw)
+    assert all(b.act_threshold is not None for b in with_act.banks.values())
+    without = SlotTable({"plain": plain}, **kw)
+    with pytest.raises(PatchSlotError, match="started without activations"):
+        without.write("clamp", activated)
