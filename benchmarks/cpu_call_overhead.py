@@ -11,10 +11,9 @@ Variants (one thread, bank and weight in the activation dtype, after a warm-up c
               fast path (plan cached after the first call), in place like vLLM's kernel
   checked[p]  the same call with a fresh ``weight`` view each call, so no plan matches: check_inputs and
               the backend's run every call (the first-call path)
-  backend[p]  ``backends.resolve(None, "cpu").run(...)`` with the former 12-argument form: what the
-              integrations call per site (HF fused forwards, vLLM norms) until they move to the new form
-  run[p]      the same with the new form, ``run(x, r, w, None, NormSpec, bank.kernel_args(), ...)`` (NormSpec
-              and KernelArgs built once, as a site does); only where the tree has them
+  run[p]      ``backends.resolve(None, "cpu").run(x, r, w, None, NormSpec, bank.kernel_args(), ...)``: what
+              the integrations call per site (HF fused forwards, vLLM norms)
+  backend[p]  the same call in a tree from before NormSpec (the 12-argument ``run``), for --compare
 
 Each timing is the median over 21 batches of 200 calls; --compare reports the median over rounds.
 Correctness lives in tests/; this only times.
@@ -82,9 +81,10 @@ def one_round() -> dict:
                     lambda: fp.fused_add_norm(x, r, w, bank=bank, eps=1e-6, out=x, residual_out=r))
                 results[f"checked[{tag}]"] = _time(
                     lambda: fp.fused_add_norm(x, r, w[:], bank=bank, eps=1e-6, out=x, residual_out=r))
-                results[f"backend[{tag}]"] = _time(
-                    lambda: impl.run(x, r, w, None, 1e-6, 0, 0.0, bank, None, None, x, r))
-                if NormSpec is not None:
+                if NormSpec is None:  # a tree from before NormSpec: its backends take the 12-argument form
+                    results[f"backend[{tag}]"] = _time(
+                        lambda: impl.run(x, r, w, None, 1e-6, 0, 0.0, bank, None, None, x, r))
+                else:
                     spec, args = NormSpec(0, 1e-6, 0.0), (None if bank is None else bank.kernel_args())
                     results[f"run[{tag}]"] = _time(lambda: impl.run(x, r, w, None, spec, args, None, None, x, r))
     return results

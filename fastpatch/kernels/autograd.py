@@ -37,7 +37,7 @@ from ..core.patches import (ACT_JUMPRELU, ACTIVATIONS, GATE_COSINE_ABOVE, GATE_C
                             GATE_PROJECTION_ABOVE, CanonicalPatch)
 from ..core.reference import NORM_KINDS
 from . import backends
-from .backends.calls import NormSpec, from_legacy
+from .backends.calls import NormSpec
 from .checks import check_inputs
 
 _RMS = NORM_KINDS["rms"]
@@ -333,14 +333,10 @@ class _FusedAddPatchNorm(torch.autograd.Function):
                 ddown, dlb, dup, dshift, None, None, None, None, None, None, None)
 
 
-def run(fast_run, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None,
-        *legacy):
+def run(fast_run, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None):
     """A backend's ``run`` (see :mod:`fastpatch.kernels.backends`: ``norm`` a NormSpec, ``args`` the bank's
     ``kernel_args()`` or None), differentiable; ``fast_run`` is the backend's ``run`` used for the norm.
     ``out`` / ``residual_out`` are not supported (autograd needs fresh outputs): pass None."""
-    if type(norm) is not NormSpec:  # the former 12-argument form
-        return from_legacy(lambda *a: run(fast_run, *a), x2d, residual2d, weight, bias, norm, args, index,
-                           fire_counts, out, residual_out, *legacy)
     if out is not None or residual_out is not None:
         raise ValueError("the differentiable op allocates its outputs: out and residual_out must be None")
     if args is None:

@@ -54,6 +54,7 @@ import torch
 from torch.nn.modules import module as _torch_module
 
 from ...kernels import autograd as _autograd
+from ...kernels.backends import NormSpec
 from .checkpointing import checkpoint_call, checkpointed, mechanism, recomputing
 from ...core.reference import NORM_KINDS
 from .arch import ArchSpec, get_path, norm_eps
@@ -66,13 +67,14 @@ PRE = ("pre", 0)  # the site key of layers.0.resid_pre
 class Norm:
     """A norm module's parameters as the kernel takes them (read at call time: robust to reloads)."""
 
-    __slots__ = ("module", "eps", "kind", "offset", "has_weight", "has_bias")
+    __slots__ = ("module", "eps", "kind", "offset", "spec", "has_weight", "has_bias")
 
     def __init__(self, module, kind: str, offset: float, eps=None):
         self.module = module
         self.eps = norm_eps(module, eps)
         self.kind = NORM_KINDS[kind]
         self.offset = float(offset)
+        self.spec = NormSpec(self.kind, float(self.eps), self.offset)  # what the kernels take
         # OLMo's LayerNorm has no parameters at all: the kernels take weight=None as "no affine"
         self.has_weight = getattr(module, "weight", None) is not None
         self.has_bias = kind == "layer" and getattr(module, "bias", None) is not None
@@ -101,14 +103,15 @@ def run_norm(run, x2, r2, norm: Norm, slot: Optional[Slot]):
     w = mod.weight if norm.has_weight else None
     b = mod.bias if norm.has_bias else None
     if slot is None:
-        bank = index = fire = None
+        bank = args = index = fire = None
     else:
         bank, index, fire = slot.bank, slot.index, slot.fire
+        args = bank.kernel_args()
     if _autograd.needs_grad(x2, r2, w, b, bank):
         if fire is not None and recomputing():
             fire = None
-        return _autograd.run(run, x2, r2, w, b, norm.eps, norm.kind, norm.offset, bank, index, fire)
-    return run(x2, r2, w, b, norm.eps, norm.kind, norm.offset, bank, index, fire, None, None)
+        return _autograd.run(run, x2, r2, w, b, norm.spec, args, index, fire)
+    return run(x2, r2, w, b, norm.spec, args, index, fire, None, None)
 
 
 # Global module forward (pre-)hooks (``register_module_forward_hook`` and friends): while any is registered

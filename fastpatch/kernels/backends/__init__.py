@@ -13,8 +13,6 @@ rows, ``index`` 1-D or None) and returns ``(out, residual_out)`` as [N, D] tenso
 ``out`` / ``residual_out`` when given (preallocated, contiguous, possibly aliasing x2d or residual2d),
 else newly allocated. ``cpp``, ``cuda``, ``triton`` (on CUDA tensors) and :class:`PerShape` run the op;
 ``reference`` (and ``triton`` on CPU tensors, under the interpreter) compute eagerly, by name.
-The former 12-argument ``run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index,
-fire_counts, out, residual_out)`` is still accepted (``calls.from_legacy``).
 """
 from __future__ import annotations
 
@@ -32,7 +30,7 @@ import torch
 from ...core.bank import KernelArgs  # noqa: F401  (re-exported: what a backend's run takes)
 from ..triton_ops.dispatch import uses_tile_kernel
 from . import library, selftest
-from .calls import NormSpec, from_legacy, invoke
+from .calls import NormSpec, invoke  # noqa: F401  (NormSpec re-exported: what a backend's run takes)
 
 # name -> module path; imported lazily so that a missing toolchain only affects its backend.
 _MODULES = {
@@ -140,11 +138,7 @@ class PerShape:
             x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_bias, up, shift, gate_dir,
             gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out)
 
-    def run(self, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None,
-            *legacy):
-        if type(norm) is not NormSpec:
-            return from_legacy(self.run, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out,
-                               residual_out, *legacy)
+    def run(self, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None):
         if x2d.is_cuda:  # the op, whose CUDA implementation comes back to launch()
             return invoke(library.OP, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out,
                           residual_out)

@@ -2,9 +2,7 @@
 one place both are spread into the flat arguments of ``torch.ops.fastpatch.fused_add_norm``.
 
 A backend's ``run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None)``
-takes a :class:`NormSpec` and ``bank.kernel_args()`` (None: no bank). The former 12-argument form
-``run(x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts, out,
-residual_out)`` is still accepted (:func:`from_legacy`) until its last callers move.
+takes a :class:`NormSpec` and ``bank.kernel_args()`` (None: no bank).
 """
 from __future__ import annotations
 
@@ -43,9 +41,3 @@ def invoke(call, x2d, residual2d, weight, bias, norm, args, index, fire_counts, 
          *(NO_BANK if args is None else args[:8]), index, fire_counts, out, residual_out, *extra)
     return out, residual_out
 
-
-def from_legacy(run, x2d, residual2d, weight, bias, eps, norm_kind, weight_offset, bank, index, fire_counts,
-                out=None, residual_out=None):
-    """A call in the former 12-argument form, made through the new ``run`` (deleted once no caller uses it)."""
-    return run(x2d, residual2d, weight, bias, NormSpec(int(norm_kind), float(eps), float(weight_offset)),
-               None if bank is None else bank.kernel_args(), index, fire_counts, out, residual_out)

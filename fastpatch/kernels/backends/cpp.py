@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from . import library
-from .calls import NormSpec, from_legacy, invoke
+from .calls import NormSpec, invoke
 from .sources import csrc_dir
 
 _CSRC = csrc_dir()
@@ -167,13 +167,10 @@ def launch(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_
             gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out)
 
 
-def run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None, *legacy):
+def run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None):
     # Hot path (twice per decoder layer per token): no dicts, no host syncs, only outputs allocated.
     # Eager calls enter the op from C++ (the pybind11 entry); torch.compile must see the op itself (it
     # has the fake impl), and is_compiling() is a constant while tracing.
-    if type(norm) is not NormSpec:
-        return from_legacy(run, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out, residual_out,
-                           *legacy)
     if _op is None:
         op()
     return invoke(_op if torch.compiler.is_compiling() else _direct, x2d, residual2d, weight, bias, norm, args,

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from . import library
-from .calls import NormSpec, from_legacy, invoke
+from .calls import invoke
 from .sources import csrc_dir
 
 _CSRC = csrc_dir()
@@ -177,9 +177,6 @@ def launch(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_
           gate_threshold, gate_mode, act_threshold, index, fire_counts, out, residual_out)
 
 
-def run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None, *legacy):
-    if type(norm) is not NormSpec:
-        return from_legacy(run, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out, residual_out,
-                           *legacy)
+def run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None):
     return invoke(library.OP, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out, residual_out,
                   "cuda")

@@ -6,7 +6,7 @@ import torch
 
 from ...core import reference
 from ...core.patches import ACT_IDENTITY, ACT_JUMPRELU, GATE_NONE
-from .calls import NormSpec, from_legacy, invoke
+from .calls import invoke
 
 _NORMS = {v: k for k, v in reference.NORM_KINDS.items()}
 
@@ -55,10 +55,7 @@ def launch(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_
     residual_out.copy_(r)
 
 
-def run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None, *legacy):
-    if type(norm) is not NormSpec:
-        return from_legacy(run, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out, residual_out,
-                           *legacy)
+def run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None):
     bank = None if args is None or args.source is None else args.source()
     if bank is not None:  # the bank's exact float64 parameters, not its tensors
         o, r = reference.fused_add_norm(

@@ -12,7 +12,7 @@ import torch
 
 from ..triton_ops.dispatch import interpreting
 from . import library
-from .calls import NormSpec, from_legacy, invoke
+from .calls import invoke
 
 _import_error = ""
 try:
@@ -49,10 +49,7 @@ def launch(x, residual, weight, bias, eps, norm_kind, weight_offset, down, down_
                     num_patches=1 if gate_mode is None else gate_mode.numel())
 
 
-def run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None, *legacy):
-    if type(norm) is not NormSpec:
-        return from_legacy(run, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out, residual_out,
-                           *legacy)
+def run(x2d, residual2d, weight, bias, norm, args, index, fire_counts, out=None, residual_out=None):
     if x2d.is_cuda:
         return invoke(library.OP, x2d, residual2d, weight, bias, norm, args, index, fire_counts, out, residual_out,
                       "triton")
