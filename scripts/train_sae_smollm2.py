@@ -89,11 +89,11 @@ def train(h: torch.Tensor, d_sae: int, steps: int, l1: float, lr: float, batch: 
         opt.step()
         with torch.no_grad():
             sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True)
-        if step % 500 == 0 or step == steps - 1:
+        if step % max(1, steps // 6) == 0 or step == steps - 1:
             with torch.no_grad():
                 l0 = float((f > 0).float().sum(-1).mean())
                 ev = 1 - float((rec - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-            log(f"step {step:5d}  loss {float(loss):.4f}  mse {float(mse):.4f}  L0 {l0:.1f}  "
+            log(f"step {step:5d}  loss {float(loss.detach()):.4f}  mse {float(mse.detach()):.4f}  L0 {l0:.1f}  "
                 f"explained variance {ev:.3f}")
     return sae
 
@@ -104,12 +104,13 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", type=int, default=12)
     ap.add_argument("--d-sae", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--l1", type=float, default=3.0)
+    ap.add_argument("--l1", type=float, default=0.15)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--paragraphs", type=int, default=120, help="how many of the corpus' paragraphs (evenly spaced)")
     ap.add_argument("--max-len", type=int, default=96, help="tokens per paragraph at most")
+    ap.add_argument("--cache", default=None, help="keep the collected activations in this .pt file (reused if there)")
     args = ap.parse_args(argv)
 
     from fastpatch.app.models import load_model
@@ -122,7 +123,12 @@ def main(argv=None) -> int:
     model, tok = load_model("smollm2")
     texts = corpus()
     texts = texts[::max(1, len(texts) // args.paragraphs)][:args.paragraphs]
-    h = activations(model, tok, texts, args.layer, args.max_len)
+    if args.cache and Path(args.cache).exists():
+        h = torch.load(args.cache)
+    else:
+        h = activations(model, tok, texts, args.layer, args.max_len)
+        if args.cache:
+            torch.save(h, args.cache)
     log(f"{len(texts)} paragraphs, {h.shape[0]} tokens of layers.{args.layer}.resid_post (hidden {h.shape[1]})")
     sae = train(h, args.d_sae, args.steps, args.l1, args.lr, args.batch, args.seed, log)
     sae.cfg.metadata.hook_name = f"blocks.{args.layer}.hook_resid_post"
@@ -133,9 +139,13 @@ def main(argv=None) -> int:
     sae.save_model(out)
     with torch.no_grad():
         f = sae.to(torch.float32).encode(h)
+        rec = sae.decode(f)
     alive = int((f > 0).any(0).sum())
+    mse = float((rec - h).pow(2).sum(-1).mean() / h.norm(dim=-1).pow(2).mean())
+    ev = 1 - float((rec - h).pow(2).sum() / (h - h.mean(0)).pow(2).sum())
     info = {"layer": args.layer, "d_sae": args.d_sae, "tokens": int(h.shape[0]), "steps": args.steps,
             "l1": args.l1, "L0": round(float((f > 0).float().sum(-1).mean()), 1), "alive_features": alive,
+            "relative_mse": round(mse, 4), "explained_variance": round(ev, 3), "paragraphs": len(texts),
             "seconds": round(time.time() - t0, 1)}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     log(f"saved {out}: {json.dumps(info)}")
