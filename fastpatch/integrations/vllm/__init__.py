@@ -39,8 +39,8 @@ from .slots import PatchSlotError
 from .worker import WorkerExtension
 
 __all__ = ["KEY", "FastpatchConfigError", "FastpatchStartError", "PatchSlotError", "PluginConfig", "SUPPORTED",
-           "UnsupportedModelError", "TESTED_RANGE", "WorkerExtension", "load_patch", "parse", "register",
-           "unload_patch"]
+           "UnsupportedModelError", "TESTED_RANGE", "WorkerExtension", "fire_counts", "load_patch", "parse",
+           "register", "unload_patch"]
 
 
 # Where register() hooks in. A vLLM release that moves one of these must never leave an engine that
@@ -325,6 +325,20 @@ def unload_patch(llm, name: str) -> int:
     _not_governed(front)
     front.unloaded(name)
     return llm.collective_rpc("fastpatch_unload", args=(name,))[0]
+
+
+def fire_counts(llm) -> dict:
+    """{patch name: {site: count}}: for each patch, the token rows it applied to at each site it touches
+    (its gate fired, or it has no gate), counted by the kernels and summed since the engine started.
+
+    Every token a step runs through a site counts: prompt tokens (minus prefix-cache hits, which skip the
+    forward) and each decode step's input token. Cumulative: a reader computes deltas. A name unloaded keeps
+    its final totals (and continues from them if loaded again); a slot taken by another patch starts at 0.
+    Resident SAE rows appear as ``sae:<config hash>``. Needs
+    ``worker_extension_cls="fastpatch.integrations.vllm.WorkerExtension"``. With tensor parallelism every
+    rank runs every token through the norms, so rank 0's counts are returned.
+    """
+    return llm.collective_rpc("fastpatch_fire_counts")[0]
 
 
 def _not_governed(front) -> None:

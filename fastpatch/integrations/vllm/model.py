@@ -180,10 +180,13 @@ def norm_for(layers, final_norm, key):
     return Decoder("", layers, final_norm, _LLAMA).module_for(key)
 
 
-def install(model: torch.nn.Module, banks: dict, index: torch.Tensor, *, mode: str, backend=None) -> list:
+def install(model: torch.nn.Module, banks: dict, index: torch.Tensor, *, mode: str, backend=None,
+            fires: Optional[dict] = None) -> list:
     """Give every site in ``banks`` its patched forward (or hook) reading ``index[:tokens]``.
 
-    Must run after the weights are loaded and before vLLM traces the model. Returns the site names.
+    ``fires``: {site key: int32 [num_patches] tensor} the site's kernel call adds its fire counts to
+    (None: not counted). Must run after the weights are loaded and before vLLM traces the model. Returns
+    the site names.
     """
     dec = decoder(model)
     for key in banks:  # all refusals before anything is changed
@@ -196,20 +199,22 @@ def install(model: torch.nn.Module, banks: dict, index: torch.Tensor, *, mode: s
         if key in installed_sites(module):
             raise RuntimeError(f"{site_name(key)}: this module is patched already")
         if dec.layout.form == "hooks":
-            _hook_site(module, key, bank, index, impl, param)
+            _hook_site(module, key, bank, index, impl, param, fire=(fires or {}).get(key))
         else:
             if bank.hidden_size != module.weight.shape[0]:
                 raise UnsupportedModelError(f"{site_name(key)}: bank hidden size {bank.hidden_size}, norm "
                                             f"{module.weight.shape[0]}")
             _patch_norm(module, key, bank, index, impl, mode, dec.offset,
-                        write_back=dec.layout.form == "inplace")
+                        write_back=dec.layout.form == "inplace", fire=(fires or {}).get(key))
         done.append(site_name(key))
     return done
 
 
-def _patch_norm(norm, key, bank, index, impl, mode, weight_offset, *, write_back: bool = False) -> None:
+def _patch_norm(norm, key, bank, index, impl, mode, weight_offset, *, write_back: bool = False,
+                fire: Optional[torch.Tensor] = None) -> None:
     """``write_back``: the norm is called on the stream alone (Granite) and the caller keeps that tensor
-    as its residual, so the patched sum is written into the input itself."""
+    as its residual, so the patched sum is written into the input itself. ``fire``: the int32
+    [num_patches] fire counts the kernel adds to (None: not counted)."""
     vanilla = norm.forward  # vLLM's own forward (CustomOp dispatch), used for the norm in "exact" mode
     spec = backends.NormSpec(0, float(norm.variance_epsilon), float(weight_offset))  # RMSNorm
     in_place = write_back or key[0] == "pre"
@@ -226,13 +231,13 @@ def _patch_norm(norm, key, bank, index, impl, mode, weight_offset, *, write_back
             # form: the patched stream is written back into x. view, not reshape: a copy would drop it.
             x2 = x.view(-1, d)
             out = torch.empty_like(x2)
-            impl.run(x2, None, self.weight, None, spec, bank.kernel_args(), idx, None, out, x2)
+            impl.run(x2, None, self.weight, None, spec, bank.kernel_args(), idx, fire, out, x2)
             return out.view_as(x) if fused else vanilla(x)
         x2 = x.reshape(-1, d)
         res2 = residual.reshape(-1, d)
         out = torch.empty_like(x2)
         summed = torch.empty_like(x2)
-        impl.run(x2, res2, self.weight, None, spec, bank.kernel_args(), idx, None, out, summed)
+        impl.run(x2, res2, self.weight, None, spec, bank.kernel_args(), idx, fire, out, summed)
         summed = summed.view_as(x)
         return (out.view_as(x) if fused else vanilla(summed)), summed
 
@@ -244,17 +249,18 @@ def _patch_norm(norm, key, bank, index, impl, mode, weight_offset, *, write_back
 _UNIT_RMS = backends.NormSpec(0, 1e-6, 0.0)  # the scratch norm of patch_in_place
 
 
-def patch_in_place(x: torch.Tensor, bank, index, impl, ones: torch.Tensor) -> None:
+def patch_in_place(x: torch.Tensor, bank, index, impl, ones: torch.Tensor,
+                   fire: Optional[torch.Tensor] = None) -> None:
     """x (the residual stream, [..., d]) += each token's patch, in place. The backends have one entry
     point, the fused add + norm; its norm output (RMS over unit weights) goes to a scratch tensor and is
-    dropped. A row with index -1 is written back unchanged."""
+    dropped. A row with index -1 is written back unchanged. ``fire``: fire counts to add to, or None."""
     d = x.shape[-1]
     x2 = x.view(-1, d)  # view, not reshape: a copy would drop the write
     out = torch.empty_like(x2)
-    impl.run(x2, None, ones, None, _UNIT_RMS, bank.kernel_args(), index[: x2.shape[0]], None, out, x2)
+    impl.run(x2, None, ones, None, _UNIT_RMS, bank.kernel_args(), index[: x2.shape[0]], fire, out, x2)
 
 
-def _hook_site(module, key, bank, index, impl, param) -> None:
+def _hook_site(module, key, bank, index, impl, param, fire: Optional[torch.Tensor] = None) -> None:
     """The hooks form: patch the stream tensor in place where Hugging Face's layer code holds it.
     ``post``: layer i's output (what layer i+1 and the final norm read); ``pre``: layer 0's input;
     ``mid``: the input of the module that consumes the mid sum (the layer adds to the same tensor)."""
@@ -270,14 +276,14 @@ def _hook_site(module, key, bank, index, impl, param) -> None:
     if key[0] == "post":
         def hook(mod, args, kwargs, output):
             x = output[0] if isinstance(output, tuple) else output
-            patch_in_place(x, bank, index, impl, ones)
+            patch_in_place(x, bank, index, impl, ones, fire)
             return None  # patched in place: the output object is unchanged
 
         hook._fastpatch_site = key
         handle = module.register_forward_hook(hook, with_kwargs=True)
     else:
         def hook(mod, args, kwargs):
-            patch_in_place(stream_arg(args, kwargs), bank, index, impl, ones)
+            patch_in_place(stream_arg(args, kwargs), bank, index, impl, ones, fire)
             return None
 
         hook._fastpatch_site = key

@@ -5,6 +5,12 @@ and rank ``max_rank``. A slot whose patch does not touch a site holds the identi
 no gate), so one per-token slot index serves every site. The bank tensors are created once, before
 vLLM traces the model; loading, replacing and unloading a patch later are in-place writes into them,
 which the traced graph sees.
+
+Fire counts: one int32 tensor ``fires`` [sites, capacity], also created before tracing; each site's patched
+norm passes its row to the kernel, which adds, per slot, the token rows where that slot's patch applied
+(its gate fired, or it has none). :meth:`SlotTable.fire_counts` folds them into int64 totals on the host
+(a copy and an in-place subtract, stream-ordered; no reset races a step). Totals are per name and
+cumulative: a name unloaded (or replaced) keeps what it counted, a slot taken by another patch starts at 0.
 """
 from __future__ import annotations
 
@@ -143,6 +149,56 @@ class SlotTable:
             self.banks[key] = bank
         for slot, name in enumerate(declared):
             self.names[name] = slot
+        # fire counts (module docstring): device rows per site, host totals, totals of names no longer loaded
+        self.fire_keys = sorted(self.banks)
+        self._fire_row = {key: i for i, key in enumerate(self.fire_keys)}
+        self.fires = torch.zeros(len(self.fire_keys), capacity, dtype=torch.int32, device=device)
+        self._fire_host = torch.zeros(len(self.fire_keys), capacity, dtype=torch.int64)
+        self.retired_fires: dict = {}  # name -> {site name: count} counted before an unload / replace
+        self.slot_sites: dict = {slot: set(declared[name]) for slot, name in enumerate(declared)}
+
+    # -- fire counts ------------------------------------------------------------------------------
+    def fire_buffers(self) -> dict:
+        """{site key: the int32 [capacity] row the site's kernel call counts into} (views of ``fires``)."""
+        return {key: self.fires[i] for key, i in self._fire_row.items()}
+
+    def harvest_fires(self) -> None:
+        """Move the device counts into the host totals: a copy, then the same amount subtracted in place
+        (after the copy in stream order), so increments of later steps are never lost."""
+        snap = self.fires.clone()
+        self._fire_host += snap.to("cpu", torch.int64)
+        self.fires.sub_(snap)
+
+    def reset_fires(self) -> None:
+        """Zero every count (the start-up self-test runs a patched norm)."""
+        self.fires.zero_()
+        self._fire_host.zero_()
+        self.retired_fires.clear()
+
+    def _reset_slot(self, slot: int, fold: Optional[str] = None) -> None:
+        """Zero ``slot``'s counts; ``fold``: the name whose totals keep what the slot counted so far."""
+        if fold is not None:
+            self.harvest_fires()
+            kept = self.retired_fires.setdefault(fold, {})
+            for key in self.slot_sites.get(slot, ()):
+                site = site_name(key)
+                kept[site] = kept.get(site, 0) + int(self._fire_host[self._fire_row[key], slot])
+        self.fires[:, slot].zero_()  # stream-ordered: no host sync when nothing is folded
+        self._fire_host[:, slot] = 0
+
+    def fire_counts(self, labels: dict) -> dict:
+        """{label: {site name: count}}: cumulative token rows that each patch applied to, at the sites it
+        touches. ``labels``: {slot: label} of the resident rows (named slots are added here); names no longer
+        loaded are included with their final totals."""
+        self.harvest_fires()
+        labels = {**labels, **{slot: name for name, slot in self.names.items()}}
+        out = {name: dict(sites) for name, sites in self.retired_fires.items()}
+        for slot, label in labels.items():
+            row = out.setdefault(label, {})
+            for key in sorted(self.slot_sites.get(slot, ())):
+                site = site_name(key)
+                row[site] = row.get(site, 0) + int(self._fire_host[self._fire_row[key], slot])
+        return out
 
     def slot(self, name: str) -> int:
         try:
@@ -180,9 +236,13 @@ class SlotTable:
                     f"fastpatch: all {self.named_capacity} slots are full ({sorted(self.names)}); unload one "
                     "or start the engine with more spare_slots")
             slot = free[0]
+            self._reset_slot(slot)  # a free slot counts from 0 (the self-test or an SAE may have used it)
+        else:  # a replaced patch: what the old version counted stays in the name's totals
+            self._reset_slot(slot, fold=name)
         for key, bank in self.banks.items():
             _write_row(bank, slot, patches.get(key, _zero(self.hidden_size, 0)))
         self.names[name] = slot
+        self.slot_sites[slot] = set(patches)
         return slot
 
     def sae_slot(self, row: int) -> int:
@@ -200,14 +260,18 @@ class SlotTable:
             if c.rank > self.max_rank:
                 raise PatchSlotError(f"fastpatch: an SAE config of rank {c.rank} exceeds the banks' rank "
                                      f"{self.max_rank}")
+        self._reset_slot(slot)  # another config's row: its counts do not carry over
         for key, bank in self.banks.items():
             _write_row(bank, slot, patches.get(key, _zero(self.hidden_size, 0)))
+        self.slot_sites[slot] = set(patches)
         return slot
 
     def remove(self, name: str) -> int:
         slot = self.slot(name)
+        self._reset_slot(slot, fold=name)
         for bank in self.banks.values():
             _write_row(bank, slot, _zero(self.hidden_size, 0))
+        self.slot_sites.pop(slot, None)
         del self.names[name]
         self.digests.pop(name, None)
         return slot

@@ -22,6 +22,7 @@ from .model import decoder, install, installed_sites
 from .slots import SlotTable, read_patches
 
 logger = logging.getLogger("fastpatch.vllm")
+_HARVEST_TOKENS = 1 << 30  # fold the device fire counts into int64 host totals at least this often
 
 
 class WorkerState:
@@ -60,9 +61,12 @@ class WorkerState:
         self.host = self.index if param.device.type == "cpu" else torch.full((n,), -1, dtype=torch.int32)
         self.host_np = self.host.numpy()
         self.filled = 0  # entries past this are -1 already
-        self.sites = install(model, self.table.banks, self.index, mode=conf.norm, backend=conf.backend)
+        self.sites = install(model, self.table.banks, self.index, mode=conf.norm, backend=conf.backend,
+                             fires=self.table.fire_buffers())
         check_installed(model, self.table.banks)
         self_test(model, self.table.banks, self.index, conf.norm)
+        self.table.reset_fires()  # the self-test's rows are not requests
+        self.unharvested = 0  # tokens since the int32 fire counts were last folded into the host totals
         self.req_slots: dict = {}
         self.runner = runner
         logger.info("fastpatch: %d patch(es) %s in %d slots at %d site(s), norm=%s", len(declared),
@@ -116,6 +120,10 @@ class WorkerState:
         if self.filled > n:
             buf[n:self.filled] = -1
         self.filled = n
+        self.unharvested += n
+        if self.unharvested > _HARVEST_TOKENS:  # each count grows by at most one per token: int32 never wraps
+            self.table.harvest_fires()
+            self.unharvested = 0
         if self.host is not self.index:
             self.index.copy_(self.host, non_blocking=True)
         if len(self.req_slots) > 4 * max(num_reqs, 64):  # forget finished requests
@@ -134,6 +142,12 @@ class WorkerState:
         slot = self.table.remove(name)
         self.req_slots.clear()
         return slot
+
+    def fire_counts(self) -> dict:
+        """{patch name: {site: tokens it applied to}}, cumulative (see SlotTable.fire_counts); resident SAE
+        rows as ``sae:<config hash>`` (reset when the row takes another config)."""
+        labels = {self.table.sae_slot(row): f"sae:{h}" for row, h in self.row_hash.items()}
+        return self.table.fire_counts(labels)
 
 
 def _where(model, norm, key) -> str:
@@ -279,3 +293,6 @@ class WorkerExtension:
 
     def fastpatch_slots(self) -> dict:
         return dict(state_of(self).table.names)
+
+    def fastpatch_fire_counts(self) -> dict:
+        return state_of(self).fire_counts()
