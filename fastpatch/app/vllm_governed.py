@@ -15,7 +15,9 @@ engine refuses to start without it). Per request (``extra_args={"fastpatch": {"s
   version, out of scope, expired) is served unpatched on purpose and reported so; an unknown set, bad labels or
   a version this engine cannot load is refused (HTTP 400), never served unpatched;
 - what it served (set, version, arm, patch, reason, store generation) is kept per request id:
-  :func:`served` (offline ``LLM``) and the ``X-Fastpatch-Served`` header (server, non-streaming responses);
+  :func:`served` (offline ``LLM``) and the ``X-Fastpatch-Served`` / ``X-Fastpatch-Generation`` headers
+  (server, non-streaming responses; the generation names the store state the request was resolved on: the
+  audit entries up to it replay that state);
 - counters per set / version / arm (requests, prompt and output tokens, latency) go to vLLM's ``/metrics``
   (prometheus_client's registry), to the store's telemetry, and to the audit log (``served`` entries with the
   request counts); each request's latency is observed by the governance detector, so an alert and the set's
@@ -60,6 +62,7 @@ logger = logging.getLogger("fastpatch.vllm.governed")
 LATENCY = "latency_s"  # the metric each finished request reports to the governance detector
 TOKENS_ENV = "FASTPATCH_TOKENS"  # the admin routes' tokens file (fastpatch.app.admin_server.load_tokens format)
 HEADER = "X-Fastpatch-Served"
+GENERATION_HEADER = "X-Fastpatch-Generation"  # the store generation each prompt was resolved at (comma-separated)
 SECTION_KEYS = ("set", "key", "labels", "patch")
 MAX_REPORTS = 100_000  # per-request reports kept for served() / the response header
 FLUSH_S = 5.0  # seconds between telemetry / audit flushes to the store
@@ -370,7 +373,8 @@ class GovernedBridge:
         lat = SummaryMetricFamily("fastpatch_request_latency_seconds", "Request latency (resolve to finish) per "
                                   "patch set version and arm", labels=lab)
         active = GaugeMetricFamily("fastpatch_active_version", "Percent of request keys each served version gets, "
-                                   "per arm (control: the stable version's share)", labels=lab)
+                                   "per arm (control: the stable version's share; an expired version's keys show "
+                                   "where they go: version none, or arm fallback)", labels=lab)
         loaded = GaugeMetricFamily("fastpatch_version_loaded", "1 per version in a slot of this engine",
                                    labels=["set", "version", "patch"])
         unavailable = GaugeMetricFamily("fastpatch_version_unavailable", "1 per live version this engine cannot "
@@ -391,10 +395,21 @@ class GovernedBridge:
                 continue
             st = ro.normalise(s["rollout"])
             arms = [] if st["paused"] else st["arms"]
+            now = self.gov.clock()
+
+            def served_as(version):  # what resolve serves for a version: None once it expired
+                rec = s["versions"].get(version)
+                return version if rec is None or not is_expired(rec, now) else None
+
+            stable = served_as(st["stable"]) if st["stable"] else None
             if st["stable"]:
-                active.add_metric([name, st["stable"], ro.CONTROL], 100.0 - sum(a["weight"] for a in arms))
+                active.add_metric([name, stable or "none", ro.CONTROL], 100.0 - sum(a["weight"] for a in arms))
             for a in arms:
-                active.add_metric([name, a["version"], a["arm"]], a["weight"])
+                v = served_as(a["version"])
+                if v is None:  # an expired arm's keys fall back to the stable version (or nothing)
+                    active.add_metric([name, stable or "none", "fallback"], a["weight"])
+                else:
+                    active.add_metric([name, v, a["arm"]], a["weight"])
         for (name, version, patch) in sorted(slots):
             loaded.add_metric([name, version, patch], 1)
         for (name, version) in sorted(broken):
@@ -453,7 +468,8 @@ def header_value(reports: list) -> str:
 
 class GovernedEndpoints:
     """The ``fastpatch_governed`` ``vllm.endpoint_plugins`` entry point: the governance admin API over the
-    engine's store (``/fastpatch/v1/...``, ``/fastpatch/metrics``) and the ``X-Fastpatch-Served`` header."""
+    engine's store (``/fastpatch/v1/...``, ``/fastpatch/metrics``) and the ``X-Fastpatch-Served`` /
+    ``X-Fastpatch-Generation`` headers."""
 
     name = "fastpatch_governed"
     required_tasks = ("generate",)
@@ -534,6 +550,7 @@ class GovernedEndpoints:
             reports = bridge.reports_for(rid) if bridge is not None else []
             if reports:
                 response.headers[HEADER] = header_value(reports)
+                response.headers[GENERATION_HEADER] = ", ".join(str(r["generation"]) for r in reports)
             return response
 
     async def init_state(self, engine_client, state, args) -> None:
