@@ -139,3 +139,47 @@ def test_a_reused_slot_starts_at_zero(setup):
     assert counts["later"] == {"layers.10.resid_post": len(_processed(out2))}
     assert counts["late"] == {"layers.10.resid_post": rows}
     unload_patch(llm, "later")
+
+
+@pytest.mark.parametrize("form", ["norm-exact", "norm-fused", "norm-inplace", "hook-pre", "hook-post"])
+def test_each_site_form_counts_its_rows(form):
+    """Without an engine: a patched vLLM norm (the fused add, exact and fused modes, and the inplace form) and
+    the hooks form count, per bank row, the token rows where the row's patch applied: ungated rows every row
+    the index gives them, the gated row where its gate (evaluated here in float64 on the stream) fires."""
+    vllm_or_skip()
+    import fastpatch
+    from fastpatch.core.bank import PatchBank
+    from fastpatch.integrations.vllm.model import _hook_site, _patch_norm
+    from fastpatch.kernels import backends
+    from test_vllm_norm import _norm
+
+    d, n = 64, 40
+    g = torch.Generator().manual_seed(11)
+    x, r = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    in_place = form in ("norm-inplace", "hook-pre", "hook-post")
+    stream = (x if in_place else x + r).double()  # the gate's input at the site
+    cond = torch.randn(d, generator=g, dtype=torch.float64)
+    cond = cond / cond.norm()
+    thr = _gap_threshold(_cosine(stream, cond))
+    patches = [fastpatch.Steer(torch.randn(d, generator=g)), fastpatch.Gated(fastpatch.Steer(torch.randn(
+        d, generator=g)), cond, thr), fastpatch.Ablate(torch.randn(d, generator=g))]
+    bank = PatchBank(patches, d)
+    index = torch.randint(-1, 3, (n,), generator=g, dtype=torch.int32)
+    fire = torch.zeros(3, dtype=torch.int32)
+    impl = backends.resolve("cpp", torch.device("cpu"))
+    if form.startswith("norm"):
+        norm = _norm("RMSNorm", d)
+        _patch_norm(norm, ("mid", 0), bank, index, impl, form.split("-")[1].replace("inplace", "exact"), 0.0,
+                    write_back=in_place, fire=fire)
+        with torch.no_grad():
+            norm(x.clone()) if in_place else norm(x.clone(), r.clone())
+    else:
+        layer = torch.nn.Identity()
+        _hook_site(layer, ("post" if form == "hook-post" else "pre", 0), bank, index, impl, x, fire=fire)
+        with torch.no_grad():
+            layer(x.clone())
+    cos = _cosine(stream, cond)
+    assert float((cos - thr).abs().min()) > 1e-4
+    want = [int((index == 0).sum()), int(((index == 1) & (cos > thr)).sum()), int((index == 2).sum())]
+    assert 0 < want[1] < int((index == 1).sum())
+    assert fire.tolist() == want
