@@ -35,7 +35,10 @@ def corpus() -> list[str]:
 
 @torch.no_grad()
 def activations(model, tok, texts, layer: int, max_len: int = 128) -> torch.Tensor:
-    """h at layers.{layer}.resid_post of every token (BOS left out), [N, D] float32; the model stops there."""
+    """h at layers.{layer}.resid_post of every token but the first, [N, D] float32; the model stops there.
+
+    SmolLM2's tokenizer adds no BOS: position 0 is a text token that acts as the attention sink (its
+    residual stream is far larger than the other positions'), left out as a BOS would be."""
     rows, got = [], {}
 
     class Stop(Exception):
