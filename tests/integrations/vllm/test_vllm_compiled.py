@@ -23,7 +23,7 @@ def test_compiled_engine_with_run_time_loading(tmp_path):
     import torch
     import fastpatch
     from fastpatch.app.models import load_smollm2
-    from fastpatch.integrations.vllm import PatchSlotError, load_patch, unload_patch
+    from fastpatch.integrations.vllm import PatchSlotError, fire_counts, load_patch, unload_patch
     from vllm.exceptions import VLLMValidationError
 
     hf, _ = load_smollm2()
@@ -49,6 +49,10 @@ def test_compiled_engine_with_run_time_loading(tmp_path):
     outs = llm.generate([PROMPTS[0], PROMPTS[0]], [sampling("steer"), sampling()], use_tqdm=False)
     _close(outs[0], hf, files["steer"])
     plain = _close(outs[1], hf)
+    # fire counts through the traced graph: every token row the steer's request ran (prompt + all generated
+    # tokens but the last) at its one site; the unpatched request adds nothing
+    rows = len(outs[0].prompt_token_ids) + MAX_TOKENS - 1
+    assert fire_counts(llm)["steer"] == {"layers.10.resid_post": rows}
 
     # SAE feature configs per request in the traced graph: three configs over two rows (one waits a step),
     # each exact vs Hugging Face + fastpatch.apply of the same SAE patch (rows are in-place writes)
