@@ -118,6 +118,9 @@ class GovernedBridge:
         self._pending: list = []  # (choice, latency) not yet observed by the detector
         self._last_poll = 0.0
         self._last_flush = time.monotonic()
+        self.slot_keys: dict = {}  # slot name -> (set, version, patch), every slot this bridge ever loaded
+        self.arms: dict = {}  # (set, version) -> its arm in the rollout at the last poll that had it
+        self._fires_seen: dict = {}  # slot name -> {site: cumulative fire count at the last read}
         self.ready = threading.Event()
         self.is_async = asyncio.iscoroutinefunction(getattr(engine, "collective_rpc", None))
         self._stop = threading.Event()
@@ -185,6 +188,7 @@ class GovernedBridge:
             with self._lock:
                 self.snap, self.live = snap, live
             self._release(live)
+            self._read_fires(snap)
             self._alert_broken()
             self._flush(force=False)
             self.ready.set()
@@ -211,6 +215,7 @@ class GovernedBridge:
         self.front.loaded(slot, str(path))
         with self._lock:
             self.slots[key] = slot
+            self.slot_keys[slot] = key
             self.broken.pop((name, version), None)
         logger.info("fastpatch: %s loaded (store generation %s)", slot, snap["generation"])
 
@@ -226,6 +231,32 @@ class GovernedBridge:
             self._rpc("fastpatch_unload", slot)
             self.refs.pop(slot, None)
             logger.info("fastpatch: %s freed (no request can get it any more)", slot)
+
+    def _read_fires(self, snap: dict) -> None:
+        """Fire counts (the worker extension's cumulative per-slot totals, an unloaded slot's included): the
+        deltas since the last read go to the ``fires`` counters, labelled with each version's current arm."""
+        for name in self.conf.patch_sets:
+            s = snap["sets"].get(name)
+            if s is None:
+                continue
+            st = ro.normalise(s["rollout"])
+            arms = [(st["stable"], ro.CONTROL)] + [(a["version"], a["arm"]) for a in st["arms"]]
+            for version, arm in reversed(arms):  # a version both stable and in an arm: control
+                if version:
+                    self.arms[(name, version)] = arm
+        counts = self._rpc("fastpatch_fire_counts")
+        with self._lock:
+            for slot, sites in counts.items():
+                key = self.slot_keys.get(slot)
+                if key is None:  # not one of this bridge's slots
+                    continue
+                seen = self._fires_seen.setdefault(slot, {})
+                arm = self.arms.get(key[:2], "none")
+                for site, n in sites.items():
+                    delta = n - seen.get(site, 0)
+                    seen[site] = n
+                    if delta > 0:
+                        self.counters[("fires", *key[:2], arm, key[2], site)] += delta
 
     def _alert_broken(self) -> None:
         with self._lock:
@@ -380,6 +411,9 @@ class GovernedBridge:
         unavailable = GaugeMetricFamily("fastpatch_version_unavailable", "1 per live version this engine cannot "
                                         "load (its requests are refused)", labels=["set", "version"])
         alerts = CounterMetricFamily("fastpatch_alerts", "Anomaly alerts raised by this engine's observations")
+        fires = CounterMetricFamily("fastpatch_fires", "Token rows each version's patch applied to per site (its "
+                                    "gate fired, or it has none), counted by the kernels; read at each store poll; "
+                                    "arm: the version's arm at that poll", labels=lab + ["patch", "site"])
         with self._lock:
             counters = dict(self.counters)
             slots, broken, snap, n_alerts = dict(self.slots), dict(self.broken), self.snap, self.alerts
@@ -389,6 +423,8 @@ class GovernedBridge:
                 lat.add_metric(list(key[1:]), count_value=v, sum_value=counters.get(("latency_sum", *key[1:]), 0.0))
             elif key[0] == "tokens":
                 tok.add_metric(list(key[1:]), v)
+            elif key[0] == "fires":
+                fires.add_metric(list(key[1:]), v)
         for name in self.conf.patch_sets:
             s = (snap or {"sets": {}})["sets"].get(name)
             if s is None:
@@ -415,7 +451,7 @@ class GovernedBridge:
         for (name, version) in sorted(broken):
             unavailable.add_metric([name, version], 1)
         alerts.add_metric([], n_alerts)
-        return [req, tok, lat, active, loaded, unavailable, alerts]
+        return [req, tok, lat, active, loaded, unavailable, alerts, fires]
 
 
 class _Collector:

@@ -112,6 +112,20 @@ def test_metrics_text_has_per_version_counters(setup):
     assert 'fastpatch_tokens_total{arm="canary",kind="output",set="tone",version="1.1.0"}' in text
     assert 'fastpatch_request_latency_seconds_count{arm="canary",set="tone",version="1.1.0"}' in text
     assert 'fastpatch_active_version{arm="canary",set="tone",version="1.1.0"} 50.0' in text
+    # fire counts (read at the store poll): each version's ungated steer applied to every token row of its
+    # requests, prompt + generated tokens but the last, at its one site; requests counted independently above
+    from prometheus_client.parser import text_string_to_metric_families
+    from fastpatch.app.vllm_governed import bridge_of
+
+    bridge_of(setup["llm"]).refresh(force=True)
+    samples = {(f.name, s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(REGISTRY).decode()) for s in f.samples}
+    for version, arm in (("1.0.0", "control"), ("1.1.0", "canary")):
+        labels = {"set": "tone", "version": version, "arm": arm}
+        requests = samples[("fastpatch_requests", "fastpatch_requests_total", tuple(sorted(labels.items())))]
+        fires = samples[("fastpatch_fires", "fastpatch_fires_total", tuple(sorted(
+            {**labels, "patch": "calm", "site": "layers.10.resid_post"}.items())))]
+        assert requests > 0 and fires == requests * (len(setup["ids"]) + N - 1)
 
 
 def test_scope_promote_inflight_abort_expire(setup):
