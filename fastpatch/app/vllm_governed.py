@@ -88,8 +88,13 @@ class _Flight:
 class GovernedBridge:
     """The resolver of one engine's governed patch sets (built by the front end when the engine exists)."""
 
+    @property
+    def engine(self):
+        return self._engine()
+
     def __init__(self, front, engine, governed):
-        self.front, self.engine, self.conf = front, engine, governed
+        self.front, self.conf = front, governed
+        self._engine = weakref.ref(engine)  # weakly, like the front end: the engine owns this bridge
         try:
             store = open_store(governed.store, create=False)
         except StoreError as exc:

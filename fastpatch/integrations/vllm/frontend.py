@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Optional
 
 from . import config as cfg
@@ -70,14 +71,22 @@ class FrontEnd:
         self.conf = conf
         self.governed = governed  # config.Governed or None
         self.resolver = None
-        self.engine = None
+        self._engine = None  # a weak reference: the engine owns this front end (no cycle to outlive it)
         self.lock = threading.Lock()
         self.salts = {name: _salt(name, file_digest(path)) for name, path in conf.patches.items()}
         self.saes = sae_req.load_all(conf) if conf.saes else {}  # name -> (SAE, digest of its files)
 
+    @property
+    def engine(self):
+        """The engine this front end feeds, or None (not bound yet, or gone). Held weakly: a strong reference
+        would make engine -> input processor -> front end -> engine a cycle, so a finished engine would be
+        torn down by a later garbage collection, in the middle of the next engine's life (its shutdown
+        destroys vLLM's process-wide parallel groups)."""
+        return None if self._engine is None else self._engine()
+
     def bind(self, engine) -> None:
         """The engine this front end feeds (LLMEngine / AsyncLLM): governed sets get their resolver now."""
-        self.engine = engine
+        self._engine = weakref.ref(engine)
         if self.governed is not None and self.resolver is None:
             self.resolver = bridge_factory()(self, engine, self.governed)
 
