@@ -198,7 +198,9 @@ class SAE:
         return out
 
     def clamp(self, values: dict) -> Encoded:
-        """h' = h + Σ_i (value_i − f_i(h))·d_i: feature i reads value_i after the patch (in the SAE's basis)."""
+        """h' = h + Σ_i (value_i − f_i(h))·d_i: feature i's term in the reconstruction, f_i(h)·d_i, becomes
+        value_i·d_i. Re-encoding h' reads f_i + (value_i − f_i)·(e_i·d_i) before the activation, which is value_i
+        only where e_i·d_i = 1 (an SAE trained here has e_i·d_i ≈ 0.6: see docs/sae.md)."""
         self._refuse_topk("clamp")
         idx, vals = self._items(values, "clamp")
         enc = self._encoder(idx)
