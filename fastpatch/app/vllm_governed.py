@@ -55,7 +55,7 @@ from ..lifecycle.governance import Choice, Governance
 from ..lifecycle.policy import is_expired
 from ..lifecycle.store import StoreError
 from ..lifecycle.stores import open_store
-from ..lifecycle.telemetry import Monitor
+from ..lifecycle.telemetry import Detector, Monitor
 
 logger = logging.getLogger("fastpatch.vllm.governed")
 
@@ -99,7 +99,8 @@ class GovernedBridge:
             store = open_store(governed.store, create=False)
         except StoreError as exc:
             raise refuse(f"the patch store {governed.store!r} cannot be opened ({exc})") from None
-        self.gov = Governance(store, actor="vllm")
+        # latency alerts only against a band the operator gave (set_guard): learnt ones would follow the load
+        self.gov = Governance(store, actor="vllm", detector=Detector(given_only={LATENCY}))
         snap = self.gov.sync()
         missing = [s for s in governed.patch_sets if s not in snap["sets"]]
         if missing:

@@ -58,10 +58,13 @@ class Detector:
     """Windowed band checks; ``observe`` returns an alert dict when a window mean leaves its band."""
 
     def __init__(self, *, window: int = 20, k: float = 4.0, min_half_width: float = 1e-6,
-                 clock=time.time):
+                 clock=time.time, given_only=()):
+        """``given_only``: metrics checked only against a given band, never a learnt one (latency: it follows
+        the machine's load, not the patch, so a band learnt from a first window alerts on load swings)."""
         if window < 2:
             raise ValueError("an anomaly window needs at least 2 observations")
         self.window, self.k, self.min_half_width, self.clock = int(window), float(k), float(min_half_width), clock
+        self.given_only = frozenset(given_only)
         self._lock = threading.Lock()
         self._values: dict = defaultdict(list)
         self._bands: dict = {}  # given: (name, arm or None, metric) -> (lo, hi, source)
@@ -112,6 +115,8 @@ class Detector:
             vals.clear()
             mean = sum(window) / len(window)
             band = self._band(name, arm, metric)
+            if band is None and metric in self.given_only:
+                return None  # nothing to check it against until an operator gives a band
             if band is None:
                 sd = math.sqrt(sum((v - mean) ** 2 for v in window) / (len(window) - 1))
                 half = max(self.k * sd / math.sqrt(len(window)), self.min_half_width)

@@ -411,6 +411,23 @@ def test_learnt_band_from_first_window_and_fire_rate():
         det.observe("t", "1.0.0", "control", "m", float("nan"))
 
 
+def test_given_only_metrics_learn_no_band():
+    """Latency follows the machine's load: a ``given_only`` metric never alerts against a band learnt from its
+    first window (the vLLM bridge's latency), only against one an operator gives; other metrics still learn."""
+    from fastpatch.lifecycle.telemetry import Detector
+
+    det = Detector(window=4, given_only={"latency_s"})
+    for load in (0.1, 5.0, 0.1, 9.0):  # windows of wildly different load: nothing learnt, nothing alerts
+        assert all(det.observe("t", "1.0.0", "canary", "latency_s", load) is None for _ in range(4))
+    assert det.band("t", "canary", "latency_s") is None
+    for _ in range(4):
+        det.observe("t", "1.0.0", "canary", "effect", 1.0)
+    assert det.band("t", "canary", "effect")[2] == "first window"  # not given_only: learnt as before
+    det.set_band("t", "latency_s", 0.0, 1.0)
+    out = [det.observe("t", "1.0.0", "canary", "latency_s", 3.0) for _ in range(4)]
+    assert out[-1] is not None and out[-1]["band"] == [0.0, 1.0] and out[-1]["band_source"] == "validation"
+
+
 def test_fire_rate_leaving_its_band_alerts(gov, model):
     """The kernel-counted fire rate (fires / (rows x sites)) is checked at each flush: an ungated patch fires on
     every row (rate 1), outside a band of [0, 0.5] given for a patch expected to fire on at most half."""
