@@ -195,9 +195,14 @@ class Governance:
         if note is not None and (not isinstance(note, str) or len(note) > 4096):
             raise ValueError("note must be a string of at most 4096 characters")
         loaded = {}
+        fitted_on = {}  # pname -> the model fingerprint its uploaded file records (kept in the stored file)
         for pname, value in patches.items():
             check_name(pname, "patch name")
-            loaded[pname] = self._read_file(pname, value, model) if isinstance(value, (str, Path)) else value
+            if isinstance(value, (str, Path)):
+                loaded[pname] = self._read_file(pname, value, model)
+                fitted_on[pname] = patch_file.read_manifest(value)[0].get("model")
+            else:
+                loaded[pname] = value
         loaded = _check_patch_set(loaded)
         for pname, sites in loaded.items():
             for site, p in sites.items():
@@ -214,7 +219,8 @@ class Governance:
         with tempfile.TemporaryDirectory() as tmp:
             for pname, sites in loaded.items():
                 path = patch_file.save(sites, Path(tmp) / f"{pname}.safetensors", name=pname, version=version,
-                                       author=actor or self.actor, model=model)
+                                       author=actor or self.actor,
+                                       model=model if model is not None else fitted_on.get(pname))
                 data = path.read_bytes()
                 if len(data) > self.max_patch_bytes:
                     raise ValueError(f"{pname}: the patch file would be {len(data)} bytes, over the limit of "

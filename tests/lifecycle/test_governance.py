@@ -411,6 +411,21 @@ def test_learnt_band_from_first_window_and_fire_rate():
         det.observe("t", "1.0.0", "control", "m", float("nan"))
 
 
+def test_published_file_keeps_the_model_fingerprint_it_records(gov, tmp_path):
+    """A file fitted on a model records its fingerprint; the stored version keeps it, so a server loading the
+    version can still refuse another model (it warned "records no model fingerprint" when publish dropped it)."""
+    model = tiny_model("llama")
+    path = fastpatch.save({SITE0: fastpatch.Steer(vec(3))}, tmp_path / "fitted.safetensors", model=model)
+    recorded = patch_file.read_manifest(path)[0]["model"]
+    gov.publish("tone", "1.0.0", {"p": str(path)})
+    stored = tmp_path / "stored.safetensors"
+    stored.write_bytes(gov.store.get_blob(gov.store.get_version("tone", "1.0.0")["blobs"]["p"]))
+    assert recorded and patch_file.read_manifest(stored)[0]["model"] == recorded
+    gov.publish("tone", "1.1.0", {"p": {SITE0: fastpatch.Steer(vec(4))}})  # in-memory patches: nothing to keep
+    stored.write_bytes(gov.store.get_blob(gov.store.get_version("tone", "1.1.0")["blobs"]["p"]))
+    assert patch_file.read_manifest(stored)[0].get("model") is None
+
+
 def test_given_only_metrics_learn_no_band():
     """Latency follows the machine's load: a ``given_only`` metric never alerts against a band learnt from its
     first window (the vLLM bridge's latency), only against one an operator gives; other metrics still learn."""
