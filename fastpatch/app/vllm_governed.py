@@ -16,7 +16,7 @@ engine refuses to start without it). Per request (``extra_args={"fastpatch": {"s
   a version this engine cannot load is refused (HTTP 400), never served unpatched;
 - what it served (set, version, arm, patch, reason, store generation) is kept per request id:
   :func:`served` (offline ``LLM``) and the ``X-Fastpatch-Served`` / ``X-Fastpatch-Generation`` headers
-  (server, non-streaming responses; the generation names the store state the request was resolved on: the
+  (server responses, streamed or not; the generation names the store state the request was resolved on: the
   audit entries up to it replay that state);
 - counters per set / version / arm (requests, prompt and output tokens, latency) go to vLLM's ``/metrics``
   (prometheus_client's registry), to the store's telemetry, and to the audit log (``served`` entries with the
@@ -590,6 +590,21 @@ class GovernedEndpoints:
             response = await call_next(request)
             bridge = plugin.bridge()
             reports = bridge.reports_for(rid) if bridge is not None else []
+            body = getattr(response, "body_iterator", None)
+            if not reports and bridge is not None and body is not None:
+                # A streamed response's headers exist before vLLM resolves the request (its generator runs
+                # when the stream is read): take the first chunk, which comes after the resolution, and
+                # send it after the headers; they are sent only once this middleware returns.
+                first = await anext(body, None)
+                reports = bridge.reports_for(rid)
+
+                async def replay(first=first, rest=body):
+                    if first is not None:
+                        yield first
+                    async for chunk in rest:
+                        yield chunk
+
+                response.body_iterator = replay()
             if reports:
                 response.headers[HEADER] = header_value(reports)
                 response.headers[GENERATION_HEADER] = ", ".join(str(r["generation"]) for r in reports)

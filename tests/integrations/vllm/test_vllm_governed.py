@@ -277,16 +277,21 @@ def server(setup, tmp_path_factory):
         log.close()
 
 
-def _complete(base, ids, section):
+def _complete(base, ids, section, stream=False):
+    """(status, response JSON, headers); with ``stream``, the response is the text joined from the SSE chunks."""
     import json
     import urllib.request
 
     body = {"model": "smol", "prompt": ids, "max_tokens": N, "temperature": 0, "ignore_eos": True,
-            "vllm_xargs": {"fastpatch": json.dumps(section)}}  # vllm_xargs carry no dicts: JSON text
+            "vllm_xargs": {"fastpatch": json.dumps(section)}, "stream": stream}  # vllm_xargs: JSON text, no dicts
     req = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
+            if stream:
+                events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+                text = "".join(json.loads(e)["choices"][0]["text"] for e in events if e != "[DONE]")
+                return r.status, text, r.headers
             return r.status, json.loads(r.read()), r.headers
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}"), e.headers
@@ -332,6 +337,9 @@ def test_server_governed_requests_and_admin_routes(setup, server):
               "the server did not pick up the promotion")
     status, resp, headers = _complete(base, ids, section)
     assert headers["X-Fastpatch-Served"] == "tone@1.1.0/calm (control)"
+    status, streamed, headers = _complete(base, ids, section, stream=True)  # headers sent before generation
+    assert status == 200 and headers["X-Fastpatch-Served"] == "tone@1.1.0/calm (control)"
+    assert streamed == resp["choices"][0]["text"]  # the streamed tokens are the same version's
     status, audit = _post(v1 + "/audit?name=tone", None, method="GET", headers=admin)
     acts = [(e["actor"], e["action"]) for e in audit["audit"]]
     assert ("carol", "activate") in acts and ("alice", "activate") in acts
