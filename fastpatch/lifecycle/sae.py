@@ -1,25 +1,10 @@
-"""Sparse autoencoders as patches: load an SAELens folder or a Gemma Scope ``params.npz`` and turn
-feature edits into ordinary fastpatch patches (``fastpatch.sae``).
+"""Sparse autoencoders as patches (``fastpatch.sae``): load an SAELens folder or a Gemma Scope ``params.npz``
+and turn feature edits (clamp / ablate / scale / steer) into ordinary fastpatch patches.
 
-An SAE at a residual site reads h [D] as feature activations
-
-    f_i(h) = φ((h − b_dec·[apply_b_dec_to_input])·e_i + b_enc_i),   e_i = W_enc[:, i],  d_i = W_dec[i]
-
-with φ = ReLU (SAELens "standard"), JumpReLU (ReLU(z)·[z > θ_i]: SAELens "jumprelu", Gemma Scope) or
-TopK. A feature edit over a set S of features is one :class:`fastpatch.Encoded` of rank |S|, the b_dec
-term folded into its bias (bias_i = b_enc_i − b_dec·e_i):
-
-- ``clamp({i: v})``: h + Σ (v_i − f_i(h))·d_i   (down = e_S, up = −d_S, shift = Σ v_i·d_i)
-- ``ablate([i])``:   clamp to 0
-- ``scale({i: k})``: h + Σ (k_i − 1)·f_i(h)·d_i
-- ``steer({i: α})``: h + Σ α_i·d_i, a plain :class:`fastpatch.Steer` (it reads no f_i, so it is affine)
-
-TopK SAEs: f_i depends on whether feature i is among the k largest of all d_sae pre-activations, which
-no per-feature patch computes, so clamp / ablate / scale refuse them; steer and encode work.
-
-Reading the files and building the patches is files-layer work (fastpatch/files/sae_file.py, which the
-vLLM plugin also uses); this module adds what reads a Hugging Face model: ``check(model)`` and ``top()``
-(``fastpatch.hooks.record``), so it sits in lifecycle, the first layer that may use both.
+The maths, the file formats and the patch building live in fastpatch/files/sae_file.py (files-layer work,
+which the vLLM plugin also uses; its docstring has the formulas). This module adds what reads a Hugging Face
+model: ``check(model)`` and ``top()`` (``fastpatch.hooks.record``), so it sits in lifecycle, the first layer
+that may use both.
 """
 from __future__ import annotations
 
